@@ -1,0 +1,55 @@
+"""Sample text from a checkpoint, streaming characters as they are drawn.
+
+    python -m core.sample --ckpt pretrained/full --prompt "ROMEO:" --max-new-tokens 300 --seed 0
+"""
+
+import argparse
+import sys
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .tokenizer import UnknownCharactersError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m core.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint NAME (NAME.safetensors + NAME.json)")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="characters to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy; higher is wilder (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely characters")
+    p.add_argument("--top-p", type=float, default=None, help="sample only from the smallest set holding this probability")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--unknown", choices=["error", "drop", "replace"], default="error",
+                   help="what to do with prompt characters the model does not know (default: %(default)s)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.ckpt)
+        ids = ckpt.tokenizer.encode(args.prompt, errors="strict" if args.unknown == "error" else args.unknown)
+        if not ids:
+            raise ValueError("the prompt is empty (after dropping unknown characters)")
+        idx = torch.tensor([ids], dtype=torch.long)
+        stream = ckpt.model.generate_stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                            torch.Generator().manual_seed(args.seed))
+        sys.stdout.write(args.prompt)
+        for tok, _ in stream:
+            sys.stdout.write(ckpt.tokenizer.decode(tok[0]))
+            sys.stdout.flush()
+    except UnknownCharactersError as e:
+        print(f"\nerror: {e} (or pass --unknown drop / --unknown replace)", file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError) as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

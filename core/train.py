@@ -1,0 +1,143 @@
+"""Train a GPT from the command line.
+
+    python -m core.train --preset layernorm --max-iters 2000 --out runs/layernorm
+    python -m core.train --out runs/layernorm --resume --max-iters 4000
+
+The engine is core.trainer.Trainer; this file only adds arguments, progress bars and saving.
+A checkpoint is written at every evaluation, so an interrupted run loses little.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, resume_trainer, save_trainer
+from .data import Corpus, DataError, load_shakespeare, text_from_bytes
+from .model import PRESETS, GPTConfig
+from .tokenizer import CharTokenizer, UnknownCharactersError
+from .trainer import TrainConfig, Trainer
+
+SAVE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m core.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model (a lecture stage preset, then any size you override)")
+    m.add_argument("--preset", choices=list(PRESETS), default="layernorm", help="lecture stage (default: %(default)s)")
+    m.add_argument("--n-layer", type=int, help="number of transformer blocks")
+    m.add_argument("--n-head", type=int, help="attention heads per block")
+    m.add_argument("--n-embd", type=int, help="embedding size C (divisible by n_head)")
+    m.add_argument("--block-size", type=int, help="context length T in characters")
+    m.add_argument("--dropout", type=float, help="dropout probability in [0, 1)")
+    m.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None, help="biases in Linear and LayerNorm")
+    m.add_argument("--activation", choices=["relu", "gelu"], help="MLP nonlinearity")
+    t = p.add_argument_group("training")
+    defaults = TrainConfig()
+    t.add_argument("--max-iters", type=int, default=defaults.max_iters, help="optimizer steps in all (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per step (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak learning rate (default: %(default)s)")
+    t.add_argument("--min-lr", type=float, default=defaults.min_lr, help="learning rate at the end of the cosine decay (default: %(default)s)")
+    t.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters, help="linear warmup steps (default: %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    t.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="clip the gradient norm to this; 0 is off (default: %(default)s)")
+    t.add_argument("--eval-interval", type=int, default=defaults.eval_interval, help="steps between loss estimates and saves (default: %(default)s)")
+    t.add_argument("--eval-iters", type=int, default=defaults.eval_iters, help="batches per loss estimate (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=defaults.seed, help="seed for weights and batches (default: %(default)s)")
+    t.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores, %(default)s)")
+    t.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where to train (default: %(default)s)")
+    io = p.add_argument_group("data and output")
+    io.add_argument("--data", help="a UTF-8 text file (default: Tiny Shakespeare, from $GPT_EXPLORER_DATA, data/ or downloaded)")
+    io.add_argument("--out", default=None, help="checkpoint name, written as OUT.safetensors + OUT.json (default: runs/PRESET)")
+    io.add_argument("--resume", action="store_true", help="carry on from the checkpoint at --out (needs its .state.safetensors)")
+    io.add_argument("--save-dtype", choices=list(SAVE_DTYPES), default="float32", help="precision of the saved weights (default: %(default)s)")
+    io.add_argument("--no-state", action="store_true", help="do not save the optimizer state (smaller, but cannot resume)")
+    return p
+
+
+def model_config(args, vocab_size: int) -> GPTConfig:
+    overrides = {name: getattr(args, name) for name in
+                 ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "activation")
+                 if getattr(args, name) is not None}
+    return GPTConfig.from_preset(args.preset, vocab_size=vocab_size, **overrides)
+
+
+def train_config(args) -> TrainConfig:
+    return TrainConfig(batch_size=args.batch_size, max_iters=args.max_iters, learning_rate=args.lr,
+                       min_lr=args.min_lr, warmup_iters=args.warmup_iters, weight_decay=args.weight_decay,
+                       grad_clip=args.grad_clip, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+                       seed=args.seed, threads=args.threads, device=args.device)
+
+
+def read_text(path: str | None) -> str:
+    if path is None:
+        bar = None
+
+        def progress(done, total):
+            nonlocal bar
+            bar = bar or tqdm(total=total, unit="B", unit_scale=True, desc="downloading Tiny Shakespeare", file=sys.stderr)
+            bar.update(done - bar.n)
+
+        return load_shakespeare(progress=progress)
+    with open(path, "rb") as f:
+        return text_from_bytes(f.read(), max_bytes=1 << 40)  # the command line trusts its user with size
+
+
+def make_trainer(args) -> Trainer:
+    text = read_text(args.data)
+    tconf = train_config(args)
+    if args.resume:
+        saved = load_checkpoint(args.out)
+        corpus = Corpus(text, saved.model.config.block_size, saved.tokenizer)
+        return resume_trainer(args.out, corpus, tconf)
+    tokenizer = CharTokenizer.from_text(text)
+    config = model_config(args, tokenizer.vocab_size)
+    return Trainer(config, tconf, Corpus(text, config.block_size, tokenizer))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.out = args.out or os.path.join("runs", args.preset)
+    try:
+        trainer = make_trainer(args)
+    except (ValueError, DataError, UnknownCharactersError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg, tcfg = trainer.config, trainer.train_config
+    print(f"model: {trainer.model.num_params():,} parameters ({args.preset}: {cfg.n_layer} layers, "
+          f"{cfg.n_head} heads, {cfg.n_embd} dims, block {cfg.block_size}) on {trainer.device}", file=sys.stderr)
+    save = dict(with_state=not args.no_state, dtype=SAVE_DTYPES[args.save_dtype])
+    bar = tqdm(total=tcfg.max_iters, initial=trainer.record.iters, desc="training", unit="it", file=sys.stderr)
+
+    def on_step(rows):
+        bar.update(len(rows))
+        if rows:
+            bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", tok_s=f"{rows[-1]['tokens_per_s']:.0f}")
+
+    def on_eval(losses):
+        bar.write(f"step {trainer.record.iters}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if trainer.record.iters > 0:
+            save_trainer(args.out, trainer, **save)
+
+    t0 = time.perf_counter()
+    try:
+        trainer.train(on_step=on_step, on_eval=on_eval)
+    except KeyboardInterrupt:
+        trainer.stop_reason = "interrupted"
+        save_trainer(args.out, trainer, **save)
+    finally:
+        bar.close()
+    wall = time.perf_counter() - t0
+    rec = trainer.record
+    losses = f"val loss {rec.val_loss:.4f}, train loss {rec.train_loss:.4f}" if rec.val_loss is not None else "no loss estimate"
+    print(f"{trainer.stop_reason}. {losses}, {wall:.1f} s, {rec.tokens / max(rec.seconds, 1e-9):,.0f} "
+          f"tokens/s in training steps; checkpoint {args.out}.json", file=sys.stderr)
+    return 1 if trainer.stop_reason and "diverged" in trainer.stop_reason else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

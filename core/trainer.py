@@ -1,0 +1,248 @@
+"""The training engine shared by the command line, the app and the tests.
+
+A `Trainer` owns a model, its optimizer and the random state of its batches. A caller drives
+it in pieces (`run(n)`), reads metrics, and may ask it to stop between steps. It never
+prints and knows nothing of any user interface.
+"""
+
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import pandas as pd
+import torch
+
+from .data import Corpus
+from .model import GPT, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4  # the cosine schedule ends here
+    warmup_iters: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 turns clipping off
+    eval_interval: int = 250
+    eval_iters: int = 20
+    seed: int = 1337
+    threads: int | None = None  # torch intra-op threads; None leaves the process setting alone
+    device: str = "cpu"  # "cpu", "cuda" or "auto"
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ValueError(f"min_lr must be between 0 and learning_rate ({self.learning_rate}), got {self.min_lr!r}")
+        if self.warmup_iters < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("warmup_iters, weight_decay and grad_clip must not be negative")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def lr_at(self, it: int) -> float:
+        """Linear warmup, then cosine decay from learning_rate to min_lr at max_iters."""
+        if it < self.warmup_iters:
+            return self.learning_rate * (it + 1) / (self.warmup_iters + 1)
+        if it >= self.max_iters:
+            return self.min_lr
+        progress = (it - self.warmup_iters) / max(1, self.max_iters - self.warmup_iters)
+        return self.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.learning_rate - self.min_lr)
+
+
+@dataclass
+class Record:
+    """What a model has been through: it travels with its checkpoint."""
+    iters: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    train_loss: float | None = None  # the last estimates
+    val_loss: float | None = None
+
+
+class Trainer:
+    """Trains one model on one corpus, a few steps at a time."""
+
+    def __init__(self, model_config: GPTConfig, train_config: TrainConfig, corpus: Corpus,
+                 model: GPT | None = None):
+        if corpus.tokenizer.vocab_size != model_config.vocab_size:
+            raise ValueError(f"the model's vocab_size ({model_config.vocab_size}) differs from the "
+                             f"corpus vocabulary ({corpus.tokenizer.vocab_size} characters)")
+        self.config, self.train_config, self.corpus = model_config, train_config, corpus
+        if train_config.threads:
+            torch.set_num_threads(train_config.threads)
+        self.device = _pick_device(train_config.device)
+        if model is None:
+            with torch.random.fork_rng():
+                torch.manual_seed(train_config.seed)
+                model = GPT(model_config)
+        self.model = model.to(self.device)
+        self.optimizer = _make_optimizer(self.model, train_config, self.device)
+        self.batch_rng = torch.Generator().manual_seed(train_config.seed)
+        self.record = Record()
+        self.history: list[dict] = []  # one row per step, plus eval rows
+        self.stop_reason: str | None = None
+        self._stop = threading.Event()
+
+    # Driving -------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None or self.record.iters >= self.train_config.max_iters
+
+    def request_stop(self) -> None:
+        """Ask the trainer to stop before its next step (safe from any thread)."""
+        self._stop.set()
+
+    def run(self, n_steps: int) -> list[dict]:
+        """Take up to n_steps optimizer steps; return their metrics rows.
+
+        Stops early at max_iters, on request, or when the loss is no longer finite. Losses
+        stay on the device until the end of the call, so the host syncs once per call.
+        """
+        self._stop.clear()  # a stop asked for before this call belongs to an earlier run
+        cfg = self.train_config
+        losses, lrs, times = [], [], []
+        self.model.train()
+        start_iter = self.record.iters
+        t0 = time.perf_counter()
+        while len(losses) < n_steps and self.record.iters < cfg.max_iters:
+            if self._stop.is_set():
+                self.stop_reason = "stopped on request"
+                break
+            lr = cfg.lr_at(self.record.iters)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            x, y = self.corpus.get_batch("train", cfg.batch_size, self.config.block_size, self.batch_rng)
+            _, loss = self.model(x.to(self.device), y.to(self.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            losses.append(loss.detach())
+            lrs.append(lr)
+            times.append(time.perf_counter())
+            self.record.iters += 1
+            self.record.tokens += cfg.batch_size * self.config.block_size
+        rows = self._rows(start_iter, losses, lrs, t0, times)
+        self.record.seconds += (times[-1] - t0) if times else 0.0
+        self.history.extend(rows)
+        bad = next((r for r in rows if not math.isfinite(r["loss"])), None)
+        if bad is not None:
+            self.stop_reason = (f"the loss became {bad['loss']} at step {bad['iter']}: training diverged. "
+                                f"Try a lower learning rate (now {cfg.learning_rate:g}).")
+        elif self.record.iters >= cfg.max_iters and self.stop_reason is None:
+            self.stop_reason = f"reached max_iters ({cfg.max_iters})"
+        return rows
+
+    def _rows(self, start_iter, losses, lrs, t0, times) -> list[dict]:
+        values = torch.stack(losses).float().cpu().tolist() if losses else []
+        tokens_per_step = self.train_config.batch_size * self.config.block_size
+        rows, prev = [], t0
+        for i, (loss, lr, t) in enumerate(zip(values, lrs, times)):
+            dt = t - prev
+            prev = t
+            rows.append(dict(iter=start_iter + i + 1, loss=loss, lr=lr, ms_per_iter=1000 * dt,
+                             tokens_per_s=tokens_per_step / dt if dt > 0 else float("nan")))
+        return rows
+
+    @torch.no_grad()
+    def estimate_loss(self) -> dict[str, float]:
+        """Mean loss over eval_iters batches of each split. The batches are the same at every
+        call (a fixed seed), so successive estimates differ only because the model did."""
+        cfg = self.train_config
+        was_training = self.model.training
+        self.model.eval()
+        out = {}
+        for split in ("train", "val"):
+            rng = torch.Generator().manual_seed(cfg.seed + 1)
+            total = torch.zeros((), device=self.device)
+            for _ in range(cfg.eval_iters):
+                x, y = self.corpus.get_batch(split, cfg.batch_size, self.config.block_size, rng)
+                total += self.model(x.to(self.device), y.to(self.device))[1]
+            out[split] = (total / cfg.eval_iters).item()
+        self.model.train(was_training)
+        self.record.train_loss, self.record.val_loss = out["train"], out["val"]
+        self.history.append(dict(iter=self.record.iters, train_loss=out["train"], val_loss=out["val"]))
+        return out
+
+    def train(self, on_step=None, on_eval=None, chunk: int = 10) -> Record:
+        """Run to max_iters (or a stop), evaluating every eval_interval steps and at the end.
+        on_step(rows) and on_eval(losses) let a caller show progress."""
+        cfg = self.train_config
+        if self.record.iters == 0:
+            self._eval(on_eval)
+        while not self.done:
+            to_eval = cfg.eval_interval - self.record.iters % cfg.eval_interval
+            rows = self.run(min(chunk, to_eval))
+            if on_step:
+                on_step(rows)
+            if self.record.iters % cfg.eval_interval == 0 or self.done:
+                self._eval(on_eval)
+        return self.record
+
+    def _eval(self, on_eval):
+        if self.stop_reason and "diverged" in self.stop_reason:
+            return
+        losses = self.estimate_loss()
+        if on_eval:
+            on_eval(losses)
+
+    def history_frame(self) -> pd.DataFrame:
+        """The history as one DataFrame: step rows have loss, eval rows train_loss and val_loss."""
+        cols = ["iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "train_loss", "val_loss"]
+        return pd.DataFrame(self.history, columns=cols)
+
+    # State for checkpoints -----------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Optimizer moments and random states as named tensors, so a run can resume exactly."""
+        tensors = {"rng.batch": self.batch_rng.get_state(), "rng.torch": torch.get_rng_state()}
+        names = {p: n for n, p in self.model.named_parameters()}
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():
+                tensors[f"optim.{names[p]}.{key}"] = torch.as_tensor(value).detach().cpu()
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.batch_rng.set_state(tensors["rng.batch"])
+        torch.set_rng_state(tensors["rng.torch"])
+        params = dict(self.model.named_parameters())
+        for name, value in tensors.items():
+            if name.startswith("optim."):
+                pname, key = name[len("optim."):].rsplit(".", 1)
+                self.optimizer.state[params[pname]][key] = value.to(self.device)
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def _make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # nanoGPT's rule: decay the weight matrices and embeddings, not biases or LayerNorm gains.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)

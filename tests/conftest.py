@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny seeded models, and Tiny Shakespeare from a local copy (never the internet)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.data import DATA_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_COPY = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+TINY_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 4
+
+
+def pytest_configure(config):
+    # Tests and CI read the shared copy; point the data code at it unless the caller chose a file.
+    if not os.environ.get(DATA_ENV) and SHARED_COPY.is_file():
+        os.environ[DATA_ENV] = str(SHARED_COPY)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> str:
+    path = os.environ.get(DATA_ENV)
+    if not path or not Path(path).is_file():
+        pytest.skip(f"Tiny Shakespeare not found: set {DATA_ENV} to a copy of input.txt")
+    return Path(path).read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def tiny_text() -> str:
+    return TINY_TEXT

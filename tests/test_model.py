@@ -1,0 +1,238 @@
+"""The model's contract: shapes, the cache, causality, fused == explicit, sampling."""
+
+import math
+
+import pytest
+import torch
+
+from core import GPT, GPTConfig, PRESETS
+from core.lens import attention_step, logit_lens, run_with_cache
+from helpers import tiny_config, tiny_model
+
+ATTENTION_PRESETS = [p for p in PRESETS if p != "bigram"]
+
+
+def tokens(cfg: GPTConfig, B: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (B, cfg.block_size), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_logits_shape_and_loss(preset):
+    model = tiny_model(preset)
+    idx = tokens(model.config)
+    logits, loss = model(idx)
+    assert logits.shape == (2, model.config.block_size, model.config.vocab_size)
+    assert loss is None
+    _, loss = model(idx, targets=idx)
+    # A fresh model guesses uniformly: loss close to ln(vocab_size), the lecture's "expected loss".
+    assert abs(loss.item() - math.log(model.config.vocab_size)) < 0.1
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_causality(preset):
+    """Changing token t leaves the logits at every earlier position unchanged."""
+    model = tiny_model(preset)
+    idx = tokens(model.config, B=1)
+    t = model.config.block_size // 2
+    changed = idx.clone()
+    changed[0, t] = (idx[0, t] + 1) % model.config.vocab_size
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert not torch.allclose(a[:, t], b[:, t])  # the change itself is seen at position t
+
+
+@pytest.mark.parametrize("preset", ATTENTION_PRESETS)
+def test_fused_and_explicit_paths_agree(preset):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset(preset, vocab_size=65)).eval()  # the lecture's own sizes
+    idx = tokens(model.config)
+    fast, _ = model(idx)
+    traced, _ = model(idx, cache={})
+    assert (fast - traced).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("preset", ATTENTION_PRESETS)
+def test_attention_pattern_properties(preset):
+    model = tiny_model(preset)
+    _, cache = run_with_cache(model, tokens(model.config))
+    T = model.config.block_size
+    above = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+    for i in range(model.config.n_layer):
+        pattern = cache[f"blocks.{i}.attn.hook_pattern"]
+        scores = cache[f"blocks.{i}.attn.hook_attn_scores"]
+        assert pattern.shape == (2, model.config.n_head, T, T)
+        torch.testing.assert_close(pattern.sum(-1), torch.ones(2, model.config.n_head, T))
+        assert (pattern[..., above] == 0).all()
+        assert torch.isneginf(scores[..., above]).all()  # -inf exactly above the diagonal
+        assert torch.isfinite(scores[..., ~above]).all()
+
+
+def test_cache_names_and_shapes():
+    model = tiny_model("layernorm")
+    cfg = model.config
+    B, T, C, H, hs = 2, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.head_size
+    _, cache = run_with_cache(model, tokens(cfg))
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        for name in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "ln1.hook_normalized", "ln2.hook_normalized"):
+            assert cache[p + name].shape == (B, T, C), name
+        for name in ("hook_q", "hook_k", "hook_v", "hook_z"):
+            assert cache[p + "attn." + name].shape == (B, T, H, hs), name
+        assert cache[p + "mlp.hook_pre"].shape == (B, T, 4 * C)
+        assert cache[p + "mlp.hook_post"].shape == (B, T, 4 * C)
+        assert (cache[p + "mlp.hook_post"] >= 0).all()  # ReLU
+        assert not any(t.requires_grad for t in cache.values())
+    assert cache["ln_final.hook_normalized"].shape == (B, T, C)
+
+
+def test_stages_without_a_component_have_no_entry():
+    _, cache = run_with_cache(tiny_model("multi_head"), tokens(tiny_config("multi_head")))
+    assert not any("mlp" in name or "ln" in name or "resid_mid" in name for name in cache)
+    assert "blocks.0.attn.hook_pattern" in cache
+
+
+def test_attention_steps_derive_from_the_cache():
+    model = tiny_model("layernorm")
+    _, cache = run_with_cache(model, tokens(model.config))
+    raw = attention_step(cache, 0, "raw")
+    scaled = attention_step(cache, 0, "scaled")
+    masked = attention_step(cache, 0, "masked")
+    torch.testing.assert_close(scaled, raw / math.sqrt(model.config.head_size))
+    keep = torch.isfinite(masked)
+    torch.testing.assert_close(masked[keep], scaled[keep])
+    torch.testing.assert_close(torch.softmax(masked, -1), attention_step(cache, 0, "softmax"))
+    with pytest.raises(ValueError):
+        attention_step(cache, 0, "cubed")
+
+
+def test_z_is_the_pattern_weighted_sum_of_values():
+    _, cache = run_with_cache(tiny_model("layernorm"), tokens(tiny_config()))
+    pattern = cache["blocks.1.attn.hook_pattern"]  # (B, H, T, T)
+    v = cache["blocks.1.attn.hook_v"].transpose(1, 2)  # (B, H, T, hs)
+    torch.testing.assert_close((pattern @ v).transpose(1, 2), cache["blocks.1.attn.hook_z"])
+
+
+def test_logit_lens_last_layer_is_the_model_output():
+    model = tiny_model("layernorm")
+    logits, cache = run_with_cache(model, tokens(model.config))
+    probs = logit_lens(model, cache)
+    assert probs.shape == (model.config.n_layer + 1, *logits.shape)
+    torch.testing.assert_close(probs[-1], torch.softmax(logits, -1))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+
+
+def test_bigram_logits_are_rows_of_its_table():
+    model = tiny_model("bigram")
+    idx = tokens(model.config)
+    logits, _ = model(idx)
+    torch.testing.assert_close(logits, model.token_embedding_table.weight[idx])
+
+
+def test_tied_weights_and_gelu():
+    model = tiny_model("layernorm", tie_weights=True, activation="gelu")
+    assert model.lm_head.weight is model.token_embedding_table.weight
+    _, cache = run_with_cache(model, tokens(model.config))
+    assert (cache["blocks.0.mlp.hook_post"] < 0).any()  # GELU lets small negatives through
+
+
+def test_num_params_and_flops():
+    cfg = GPTConfig.from_preset("full", vocab_size=65)
+    model = GPT(cfg)
+    # The lecture's final model has 10,788,929 parameters; bias=True also gives the query, key
+    # and value layers biases (the lecture's have none): 6 layers x 3 x 384 more.
+    lecture = 10_788_929
+    assert model.num_params(non_embedding=False) == lecture + 6 * 3 * 384
+    assert model.num_params() == lecture + 6 * 3 * 384 - 256 * 384
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * 6 * 384 * 256
+
+
+# Sampling -------------------------------------------------------------------------------
+
+
+def test_generate_is_deterministic_for_a_seeded_generator():
+    model = tiny_model("layernorm")
+    start = torch.zeros((1, 1), dtype=torch.long)
+    a = model.generate(start, 30, generator=torch.Generator().manual_seed(7))
+    b = model.generate(start, 30, generator=torch.Generator().manual_seed(7))
+    c = model.generate(start, 30, generator=torch.Generator().manual_seed(8))
+    assert a.shape == (1, 31) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_generate_crops_context_beyond_block_size():
+    model = tiny_model("layernorm")
+    out = model.generate(torch.zeros((1, 1), dtype=torch.long), 3 * model.config.block_size)
+    assert out.shape[1] == 1 + 3 * model.config.block_size
+
+
+def test_top_k_1_equals_greedy():
+    model = tiny_model("layernorm", seed=3)
+    start = torch.tensor([[1, 2, 3]])
+    greedy = model.generate(start, 20, temperature=0)
+    top1 = model.generate(start, 20, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy, top1)
+
+
+def test_stream_yields_distributions_that_sum_to_one():
+    model = tiny_model("layernorm")
+    steps = list(model.generate_stream(torch.tensor([[1]]), 5, temperature=0.8, top_k=5, top_p=0.9,
+                                       generator=torch.Generator().manual_seed(0)))
+    assert len(steps) == 5
+    for tok, probs in steps:
+        assert probs.shape == (1, model.config.vocab_size)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(1))
+        assert probs[0, tok.item()] > 0  # the token was drawn from this distribution
+        assert (probs > 0).sum() <= 5  # top_k kept at most 5 characters
+
+
+def test_top_p_keeps_the_smallest_set():
+    from core.model import _filter_logits
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(_filter_logits(logits, None, 0.75))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 >= 0.75
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_k=0),
+                                    dict(top_p=0.0), dict(top_p=1.5), dict(max_new_tokens=-1)])
+def test_bad_sampling_values_raise(kwargs):
+    model = tiny_model("layernorm")
+    args = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError):
+        model.generate(torch.tensor([[1]]), **args)
+
+
+def test_sequence_longer_than_block_size_raises():
+    model = tiny_model("layernorm")
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros((1, model.config.block_size + 1), dtype=torch.long))
+
+
+# Config errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_embd=30, n_head=4), r"n_embd \(30\) must be divisible by n_head \(4\).*n_embd=28 or 32"),
+    (dict(n_layer=0), "n_layer must be a positive integer"),
+    (dict(block_size=-8), "block_size must be a positive integer"),
+    (dict(vocab_size=2.5), "vocab_size must be a positive integer"),
+    (dict(n_head=True), "n_head must be a positive integer"),
+    (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
+    (dict(activation="tanh"), "activation must be one of"),
+    (dict(attention=False, tie_weights=True), "tie_weights needs attention"),
+])
+def test_config_errors_say_what_to_change(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**kwargs)
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ValueError, match="bigram"):
+        GPTConfig.from_preset("huge")
+
+
+def test_presets_switch_on_the_lecture_steps_in_order():
+    steps = [(c.get("attention", True), c.get("feed_forward", True), c.get("residual", True), c.get("layer_norm", True))
+             for c in PRESETS.values()]
+    assert [sum(s) for s in steps] == sorted(sum(s) for s in steps)
+    assert list(PRESETS) == ["bigram", "one_head", "multi_head", "ffn", "residual", "layernorm", "full"]
