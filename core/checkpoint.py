@@ -48,7 +48,8 @@ def paths(path: str | os.PathLike) -> tuple[Path, Path, Path]:
     """(weights, json, state) for a checkpoint given by NAME, NAME.json or NAME.safetensors."""
     p = Path(path)
     stem = p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json"), Path(f"{stem}.state.safetensors")
+    # Appended, not with_suffix: a NAME like "runs/lr-0.5" keeps its ".5".
+    return Path(f"{stem}.safetensors"), Path(f"{stem}.json"), Path(f"{stem}.state.safetensors")
 
 
 def _saved_state(model: GPT) -> dict[str, torch.Tensor]:
@@ -80,29 +81,39 @@ def save_checkpoint(path, model: GPT, tokenizer: CharTokenizer, train_config: Tr
         "record": asdict(record or Record()),
         "extra": extra or {},
     }
+    files = {}  # the JSON goes last: it is what makes a checkpoint a checkpoint
+    if state is not None:
+        files[state_path] = save({k: v.contiguous() for k, v in state.items()})
+    files[weights_path] = save(weight_tensors(model, dtype), metadata={"format": FORMAT})
+    files[json_path] = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
     try:
         weights_path.parent.mkdir(parents=True, exist_ok=True)
-        if state is not None:
-            _atomic_write(state_path, save({k: v.contiguous() for k, v in state.items()}))
-        _atomic_write(weights_path, save(weight_tensors(model, dtype), metadata={"format": FORMAT}))
-        _atomic_write(json_path, json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
+        _atomic_write(files)
+        if state is None:
+            state_path.unlink(missing_ok=True)  # an earlier save's state does not fit these weights
     except OSError as e:
         raise CheckpointError(f"could not save the checkpoint to {json_path.parent}: {e.strerror or e}") from e
     return json_path
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _atomic_write(files: dict[Path, bytes]) -> None:
+    """Write every file to a temporary file, then rename them all into place: a save that fails
+    while writing (a full disk, say) leaves the previous checkpoint whole."""
+    temps = {}
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; a checkpoint is meant to be shared
-        os.replace(tmp, path)
+        for path, data in files.items():
+            fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(temps[path], 0o644)  # mkstemp makes files private; a checkpoint is meant to be shared
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -149,7 +160,7 @@ def checkpoint_from(meta_bytes: bytes, tensors: dict[str, torch.Tensor], name: s
         tokenizer = CharTokenizer(meta["vocab"])
         train_config = TrainConfig.from_dict(meta["train_config"]) if meta.get("train_config") else None
         record = Record(**meta.get("record") or {})
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise CheckpointError(f"the JSON file describes an impossible model: {e}") from e
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"the vocabulary has {tokenizer.vocab_size} characters but the model "
@@ -174,9 +185,11 @@ def _parse_meta(meta_bytes: bytes) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint format version {meta.get('format_version')!r} is not supported "
                               f"(this version reads {FORMAT_VERSION})")
-    for key in ("model_config", "vocab"):
-        if not isinstance(meta.get(key), (dict, list)):
-            raise CheckpointError(f"the JSON file has no {key}")
+    if not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError("the JSON file has no model_config")
+    vocab = meta.get("vocab")
+    if not isinstance(vocab, list) or not all(isinstance(ch, str) and len(ch) == 1 for ch in vocab):
+        raise CheckpointError("the JSON file's vocab is not a list of single characters")
     return meta
 
 

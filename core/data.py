@@ -37,8 +37,11 @@ def sha256_of(path: Path) -> str:
 def download(url: str, dest: Path, sha256: str, progress: Progress | None = None, timeout: float = 30) -> Path:
     """Download url to dest, verify its checksum, and only then move it into place."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    except OSError as e:
+        raise DataError(f"cannot save a download in {dest.parent}: {e.strerror or e}. {_offline_hint(dest)}") from e
     try:
         h = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -55,16 +58,15 @@ def download(url: str, dest: Path, sha256: str, progress: Progress | None = None
                             f"(sha256 {h.hexdigest()}, expected {sha256}); nothing was saved")
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as e:
-        raise DataError(f"could not download {url}: {e}. {_offline_hint()}") from e
+        raise DataError(f"could not download {url}: {e}. {_offline_hint(dest)}") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return dest
 
 
-def _offline_hint() -> str:
-    return (f"Put a copy of Tiny Shakespeare's input.txt at {CACHE_DIR / 'tinyshakespeare.txt'}, "
-            f"or point the environment variable {DATA_ENV} at one.")
+def _offline_hint(dest: Path) -> str:
+    return f"Put a copy of Tiny Shakespeare's input.txt at {dest}, or point the environment variable {DATA_ENV} at one."
 
 
 def shakespeare_path(path: str | os.PathLike | None = None, url: str = SHAKESPEARE_URL,
@@ -72,10 +74,10 @@ def shakespeare_path(path: str | os.PathLike | None = None, url: str = SHAKESPEA
     """Where Tiny Shakespeare is: the given path, $GPT_EXPLORER_DATA, the cache, else downloaded."""
     given = path or os.environ.get(DATA_ENV)
     if given:
-        given = Path(given)
-        if not given.is_file():
-            raise DataError(f"no text file at {given}")
-        return given
+        if not Path(given).is_file():
+            source = "" if path else f" (named by ${DATA_ENV})"
+            raise DataError(f"no text file at {given}{source}")
+        return Path(given)
     cached = Path(cache_dir) / "tinyshakespeare.txt"
     if cached.is_file():
         return cached
@@ -102,8 +104,13 @@ def text_from_bytes(data: bytes, max_bytes: int = MAX_TEXT_BYTES) -> str:
 
 def min_text_length(block_size: int) -> int:
     """The shortest text whose validation split still holds more than one block."""
-    # Each split needs block_size + 2 characters for two distinct (x, y) windows.
-    return int((block_size + 2) / (1 - TRAIN_FRACTION)) + 1
+    need = block_size + 2  # two distinct (x, y) windows
+    # The validation split grows by 0 or 1 per character: step up from safely below the answer,
+    # with the same int() rounding as Corpus, so float error cannot make it off by one.
+    length = max(need, int((need - 2) / (1 - TRAIN_FRACTION)))
+    while length - int(TRAIN_FRACTION * length) < need:
+        length += 1
+    return length
 
 
 class Corpus:

@@ -1,7 +1,8 @@
 """Read a filled cache: the steps of attention, the logit lens, and where things live.
 
-Everything here works on the dict that `model(idx, cache=cache)` fills; nothing reruns the
-model except `run_with_cache`, which is the one call the app and notebooks need.
+Everything here works on the dict that `model(idx, cache=cache)` fills (or, for embeddings,
+on a weight matrix); nothing reruns the model except `run_with_cache`, which is the one call
+the app and notebooks need. Pure torch: no user interface.
 """
 
 import torch
@@ -52,6 +53,14 @@ def n_attention_layers(cache: Cache) -> int:
     return sum(1 for name in cache if name.endswith(".attn.hook_pattern"))
 
 
+def residual_streams(cache: Cache) -> torch.Tensor:
+    """The residual stream after the embeddings and after each block: (n_layer + 1, B, T, C)."""
+    n = sum(1 for name in cache if name.endswith(".hook_resid_post"))
+    if n == 0:
+        raise KeyError("the cache has no residual stream (the bigram model has none)")
+    return torch.stack([cache["blocks.0.hook_resid_pre"]] + [cache[f"blocks.{i}.hook_resid_post"] for i in range(n)])
+
+
 @torch.no_grad()
 def logit_lens(model: GPT, cache: Cache) -> torch.Tensor:
     """Next-token probabilities read off the residual stream after the embeddings and after
@@ -60,6 +69,73 @@ def logit_lens(model: GPT, cache: Cache) -> torch.Tensor:
     """
     if not model.config.attention:
         raise ValueError("the bigram model has no layers to look through")
-    n = model.config.n_layer
-    streams = [cache["blocks.0.hook_resid_pre"]] + [cache[f"blocks.{i}.hook_resid_post"] for i in range(n)]
-    return torch.stack([F.softmax(model.lm_head(model.ln_f(x)), dim=-1) for x in streams])
+    return F.softmax(model.lm_head(model.ln_f(residual_streams(cache))), dim=-1)
+
+
+def layer_norms(cache: Cache) -> list[str]:
+    """The LayerNorms that ran, in order: 'blocks.0.ln1', 'blocks.0.ln2', ..., 'ln_final'."""
+    return [name.removesuffix(".hook_normalized") for name in cache if name.endswith(".hook_normalized")]
+
+
+def layer_norm_io(cache: Cache, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a LayerNorm (named as layer_norms names it) read and what it wrote, each (B, T, C)."""
+    after = cache[f"{name}.hook_normalized"]
+    if name == "ln_final":
+        return residual_streams(cache)[-1], after
+    block, ln = name.rsplit(".", 1)  # ln1 reads the block's input, ln2 the stream after attention
+    return cache[f"{block}.hook_resid_pre" if ln == "ln1" else f"{block}.hook_resid_mid"], after
+
+
+def row_entropy(pattern: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each row of attention weights (..., T, T) -> (..., T).
+    A query that spreads evenly over its t+1 keys scores log(t+1); one that picks a single key, 0."""
+    return -torch.special.xlogy(pattern, pattern).sum(-1)
+
+
+def head_stats(pattern: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a head does, in four numbers: attention weights (..., T, T) -> each statistic (...).
+
+    entropy: mean row entropy (nats); mean_distance: how many positions back a query looks,
+    weighted by attention; prev_char / first_char: the weight on the previous and on the first
+    position, averaged over queries 1..T-1 (query 0 can only look at itself). NaN when T = 1.
+    """
+    T = pattern.shape[-1]
+    pos = torch.arange(T)
+    distance = (pos[:, None] - pos[None, :]).clamp_min(0).to(pattern.dtype)  # (T, T): query - key
+    return {
+        "entropy": row_entropy(pattern).mean(-1),
+        "mean_distance": (pattern * distance).sum(-1).mean(-1),
+        # The mean of no queries is NaN, which is what a one-character prompt gives here.
+        "prev_char": pattern.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1),
+        "first_char": pattern[..., 1:, 0].mean(-1),  # queries 1.. on key 0
+    }
+
+
+def head_matrix(cache: Cache, name: str, head: int = 0) -> torch.Tensor:
+    """A cached tensor as a 2-D matrix, for the first sequence of the batch. Per-head tensors
+    (the 4-D ones) give the chosen head: (query, key) for scores and patterns, (pos, d_head)
+    for q, k, v and z. The others are (pos, d_model) or (pos, d_mlp) already."""
+    t = cache[name][0]
+    if t.dim() == 2:
+        return t
+    if name.endswith(("hook_attn_scores", "hook_pattern")):
+        return t[head]  # [head, query_pos, key_pos]
+    return t[:, head]  # [pos, head, d_head]
+
+
+def pca_2d(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Rows of x (N, D) projected on their two main directions: (N, 2), and the fraction of the
+    variance those two directions hold."""
+    centered = x - x.mean(0)
+    U, S, _ = torch.linalg.svd(centered, full_matrices=False)
+    k = min(2, S.numel())
+    points = torch.zeros(x.shape[0], 2)
+    points[:, :k] = U[:, :k] * S[:k]
+    total = (S**2).sum()
+    return points, float((S[:k] ** 2).sum() / total) if total > 0 else 1.0
+
+
+def cosine_similarity(x: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every pair of rows of x (N, D): (N, N)."""
+    unit = F.normalize(x, dim=-1)
+    return unit @ unit.T

@@ -129,22 +129,34 @@ class CausalSelfAttention(nn.Module):
         # The lecture's lower-triangular mask: position t may only look at positions <= t.
         self.register_buffer("tril", torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool)), persistent=False)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, prefix: str = "") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, prefix: str = "",
+                kv: "LayerKV | None" = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
         k = k.view(B, T, self.n_head, self.head_size)
         v = v.view(B, T, self.n_head, self.head_size)
-        if cache is None:
-            # Fast path: one fused kernel computes softmax(q k^T / sqrt(hs)) v with the causal mask.
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                dropout_p=self.dropout if self.training else 0.0, is_causal=True,
-            )  # (B, nh, T, hs)
-        else:
+        if cache is not None:
             out = self._explicit(q, k, v, cache, prefix)
+        else:
+            out = self._fused(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kv)
         out = out.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.proj(out))
+
+    def _fused(self, q, k, v, kv: "LayerKV | None") -> torch.Tensor:
+        """Fast path: one kernel computes softmax(q k^T / sqrt(hs)) v under the causal mask.
+        With kv (sampling), the keys and values of earlier positions come from the cache."""
+        past = 0
+        if kv is not None:
+            if kv.k is not None:
+                past = kv.k.shape[2]
+                k, v = torch.cat([kv.k, k], dim=2), torch.cat([kv.v, v], dim=2)
+            kv.k, kv.v = k, v
+        T = q.shape[2]
+        mask = self.tril[past:past + T, :past + T] if past else None  # new queries see all of the past
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=not past,
+        )  # (B, nh, T, hs)
 
     def _explicit(self, q, k, v, cache: Cache, prefix: str) -> torch.Tensor:
         """The lecture's path, step by step, recording each step."""
@@ -196,21 +208,22 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd, bias=config.bias) if config.layer_norm and config.feed_forward else None
         self.ffwd = FeedForward(config) if config.feed_forward else None
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, prefix: str = "") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, prefix: str = "",
+                kv: "LayerKV | None" = None) -> torch.Tensor:
         _record(cache, f"{prefix}hook_resid_pre", x)
-        x = self._sublayer(x, self.ln1, self.sa, cache, prefix, "ln1", "attn")
+        x = self._sublayer(x, self.ln1, lambda h: self.sa(h, cache, f"{prefix}attn.", kv), cache, f"{prefix}ln1.")
         if self.ffwd is not None:
             _record(cache, f"{prefix}hook_resid_mid", x)
-            x = self._sublayer(x, self.ln2, self.ffwd, cache, prefix, "ln2", "mlp")
+            x = self._sublayer(x, self.ln2, lambda h: self.ffwd(h, cache, f"{prefix}mlp."), cache, f"{prefix}ln2.")
         _record(cache, f"{prefix}hook_resid_post", x)
         return x
 
-    def _sublayer(self, x, ln, layer, cache, prefix, ln_name, layer_name):
+    def _sublayer(self, x, ln, layer, cache, ln_prefix):
         h = x
         if ln is not None:
             h = ln(x)
-            _record(cache, f"{prefix}{ln_name}.hook_normalized", h)
-        h = layer(h, cache, f"{prefix}{layer_name}.")
+            _record(cache, f"{ln_prefix}hook_normalized", h)
+        h = layer(h)
         return x + h if self.residual else h
 
 
@@ -240,21 +253,29 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None):
-        """idx, targets: (B, T) integer tensors. Returns logits (B, T, vocab) and the loss (or None)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None,
+                kv: "KVCache | None" = None):
+        """idx, targets: (B, T) integer tensors. Returns logits (B, T, vocab) and the loss (or None).
+
+        cache: a dict to fill with every internal (the explicit attention path).
+        kv: keys and values of earlier positions (sampling); idx then holds only the new ones.
+        """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        past = kv.length if kv is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence length {past + T} exceeds block_size {self.config.block_size}")
+        if cache is not None and kv is not None:
+            raise ValueError("fill a cache or use kv, not both")
         if not self.config.attention:
             logits = self.token_embedding_table(idx)  # (B, T, vocab)
         else:
             tok_emb = self.token_embedding_table(idx)  # (B, T, C)
-            pos_emb = self.position_embedding_table(torch.arange(T, device=idx.device))  # (T, C)
+            pos_emb = self.position_embedding_table(torch.arange(past, past + T, device=idx.device))  # (T, C)
             _record(cache, "hook_embed", tok_emb)
             _record(cache, "hook_pos_embed", pos_emb.expand(B, T, -1))
             x = self.drop(tok_emb + pos_emb)
             for i, block in enumerate(self.blocks):
-                x = block(x, cache, f"blocks.{i}.")
+                x = block(x, cache, f"blocks.{i}.", kv.layers[i] if kv is not None else None)
             x = self.ln_f(x)
             if self.config.layer_norm:
                 _record(cache, "ln_final.hook_normalized", x)
@@ -281,25 +302,41 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, kv_cache: bool = True) -> torch.Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T) and return the longer (B, T+n)."""
-        new = [tok for tok, _ in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)]
+        stream = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache)
+        new = [tok for tok, _ in stream]
         return torch.cat([idx, *new], dim=1) if new else idx
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None,
-                        generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                        generator: torch.Generator | None = None,
+                        kv_cache: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (next token (B, 1), the distribution it was drawn from (B, vocab)) one at a time.
 
         temperature 0 is greedy: the token is the argmax of the yielded softmax.
+        The context is cropped to block_size, as in the lecture, with one difference: when the
+        window is full it slides by half a block at once rather than by one character, so that
+        with kv_cache each new character needs only its own position computed (plus one
+        recompute of the window per half block). kv_cache=False recomputes the same window at
+        every step: the same characters for the same seed, much slower.
         """
         _check_sampling(max_new_tokens, temperature, top_k, top_p, self.config.vocab_size)
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError("idx must be a (B, T) tensor with at least one token")
+        block = self.config.block_size
+        use_kv = kv_cache and self.config.attention
+        start = max(0, idx.shape[1] - block)  # a long prompt is cropped to its last block
+        kv = None
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]  # crop: positions only go up to block_size
-            logits, _ = self(context)
+            if idx.shape[1] - start > block:  # the window is full: slide it
+                start, kv = idx.shape[1] - max(1, block // 2), None
+            if kv is not None:
+                logits, _ = self(idx[:, -1:], kv=kv)  # only the newest position
+            else:
+                kv = KVCache(self.config.n_layer) if use_kv else None
+                logits, _ = self(idx[:, start:], kv=kv)  # the whole window
             logits = logits[:, -1, :]  # the last position predicts the next character
             if temperature == 0:
                 probs = F.softmax(logits, dim=-1)
@@ -309,6 +346,25 @@ class GPT(nn.Module):
                 next_tok = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat([idx, next_tok], dim=1)
             yield next_tok, probs
+
+
+@dataclass
+class LayerKV:
+    """One layer's keys and values of the positions seen so far, each (B, nh, T_seen, hs)."""
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+
+class KVCache:
+    """Keys and values of every layer, so that sampling computes only the newest position."""
+
+    def __init__(self, n_layer: int):
+        self.layers = [LayerKV() for _ in range(n_layer)]
+
+    @property
+    def length(self) -> int:
+        k = self.layers[0].k
+        return 0 if k is None else k.shape[2]
 
 
 def _record(cache: Cache | None, name: str, tensor: torch.Tensor) -> None:

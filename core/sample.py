@@ -37,18 +37,27 @@ def main(argv=None) -> int:
         idx = torch.tensor([ids], dtype=torch.long)
         stream = ckpt.model.generate_stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                             torch.Generator().manual_seed(args.seed))
-        sys.stdout.write(args.prompt)
-        for tok, _ in stream:
-            sys.stdout.write(ckpt.tokenizer.decode(tok[0]))
-            sys.stdout.flush()
+        write_sample(args.prompt, stream, ckpt.tokenizer)
     except UnknownCharactersError as e:
-        print(f"\nerror: {e} (or pass --unknown drop / --unknown replace)", file=sys.stderr)
+        shown = ", ".join(repr(ch) for ch in e.chars[:20])
+        print(f"error: the prompt holds characters this model does not know ({shown}); "
+              "pass --unknown drop or --unknown replace", file=sys.stderr)
         return 2
     except (CheckpointError, ValueError) as e:
-        print(f"\nerror: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    sys.stdout.write("\n")
     return 0
+
+
+def write_sample(prompt: str, stream, tokenizer) -> None:
+    """Print the prompt, then each character as it is drawn."""
+    sys.stdout.write(prompt)
+    try:
+        for tok, _ in stream:
+            sys.stdout.write(tokenizer.decode(tok[0]))
+            sys.stdout.flush()
+    finally:
+        sys.stdout.write("\n")  # end the line even when the sampling settings are refused mid-way
 
 
 if __name__ == "__main__":

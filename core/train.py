@@ -36,18 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dropout", type=float, help="dropout probability in [0, 1)")
     m.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None, help="biases in Linear and LayerNorm")
     m.add_argument("--activation", choices=["relu", "gelu"], help="MLP nonlinearity")
-    t = p.add_argument_group("training")
+    t = p.add_argument_group("training (with --resume, an option left out keeps the checkpoint's value)")
     defaults = TrainConfig()
-    t.add_argument("--max-iters", type=int, default=defaults.max_iters, help="optimizer steps in all (default: %(default)s)")
-    t.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per step (default: %(default)s)")
-    t.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak learning rate (default: %(default)s)")
-    t.add_argument("--min-lr", type=float, default=defaults.min_lr, help="learning rate at the end of the cosine decay (default: %(default)s)")
-    t.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters, help="linear warmup steps (default: %(default)s)")
-    t.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (default: %(default)s)")
-    t.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="clip the gradient norm to this; 0 is off (default: %(default)s)")
-    t.add_argument("--eval-interval", type=int, default=defaults.eval_interval, help="steps between loss estimates and saves (default: %(default)s)")
-    t.add_argument("--eval-iters", type=int, default=defaults.eval_iters, help="batches per loss estimate (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=defaults.seed, help="seed for weights and batches (default: %(default)s)")
+    t.add_argument("--max-iters", type=int, default=None, help=f"optimizer steps in all (default: {defaults.max_iters})")
+    t.add_argument("--batch-size", type=int, default=None, help=f"sequences per step (default: {defaults.batch_size})")
+    t.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {defaults.learning_rate})")
+    t.add_argument("--min-lr", type=float, default=None, help=f"learning rate at the end of the cosine decay (default: {defaults.min_lr})")
+    t.add_argument("--warmup-iters", type=int, default=None, help=f"linear warmup steps (default: {defaults.warmup_iters})")
+    t.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default: {defaults.weight_decay})")
+    t.add_argument("--grad-clip", type=float, default=None, help=f"clip the gradient norm to this; 0 is off (default: {defaults.grad_clip})")
+    t.add_argument("--eval-interval", type=int, default=None, help=f"steps between loss estimates and saves (default: {defaults.eval_interval})")
+    t.add_argument("--eval-iters", type=int, default=None, help=f"batches per loss estimate (default: {defaults.eval_iters})")
+    t.add_argument("--seed", type=int, default=None, help=f"seed for weights, batches and dropout (default: {defaults.seed})")
     t.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores, %(default)s)")
     t.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where to train (default: %(default)s)")
     io = p.add_argument_group("data and output")
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--out", default=None, help="checkpoint name, written as OUT.safetensors + OUT.json (default: runs/PRESET)")
     io.add_argument("--resume", action="store_true", help="carry on from the checkpoint at --out (needs its .state.safetensors)")
     io.add_argument("--save-dtype", choices=list(SAVE_DTYPES), default="float32", help="precision of the saved weights (default: %(default)s)")
+    io.add_argument("--keep-best", action="store_true",
+                    help="save only when the val loss improves (small corpora overfit late in a run)")
     io.add_argument("--no-state", action="store_true", help="do not save the optimizer state (smaller, but cannot resume)")
     return p
 
@@ -66,11 +68,16 @@ def model_config(args, vocab_size: int) -> GPTConfig:
     return GPTConfig.from_preset(args.preset, vocab_size=vocab_size, **overrides)
 
 
-def train_config(args) -> TrainConfig:
-    return TrainConfig(batch_size=args.batch_size, max_iters=args.max_iters, learning_rate=args.lr,
-                       min_lr=args.min_lr, warmup_iters=args.warmup_iters, weight_decay=args.weight_decay,
-                       grad_clip=args.grad_clip, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-                       seed=args.seed, threads=args.threads, device=args.device)
+# Training options and the TrainConfig fields they set (threads and device belong to the machine).
+TRAIN_OPTIONS = {"batch_size": "batch_size", "max_iters": "max_iters", "lr": "learning_rate", "min_lr": "min_lr",
+                 "warmup_iters": "warmup_iters", "weight_decay": "weight_decay", "grad_clip": "grad_clip",
+                 "eval_interval": "eval_interval", "eval_iters": "eval_iters", "seed": "seed"}
+
+
+def train_config(args, base: TrainConfig) -> TrainConfig:
+    """base (the defaults, or a resumed run's settings) with the options given on the command line."""
+    given = {name: getattr(args, option) for option, name in TRAIN_OPTIONS.items() if getattr(args, option) is not None}
+    return TrainConfig(**{**base.to_dict(), **given, "threads": args.threads, "device": args.device})
 
 
 def read_text(path: str | None) -> str:
@@ -89,14 +96,13 @@ def read_text(path: str | None) -> str:
 
 def make_trainer(args) -> Trainer:
     text = read_text(args.data)
-    tconf = train_config(args)
     if args.resume:
         saved = load_checkpoint(args.out)
         corpus = Corpus(text, saved.model.config.block_size, saved.tokenizer)
-        return resume_trainer(args.out, corpus, tconf)
+        return resume_trainer(args.out, corpus, train_config(args, saved.train_config or TrainConfig()))
     tokenizer = CharTokenizer.from_text(text)
     config = model_config(args, tokenizer.vocab_size)
-    return Trainer(config, tconf, Corpus(text, config.block_size, tokenizer))
+    return Trainer(config, train_config(args, TrainConfig()), Corpus(text, config.block_size, tokenizer))
 
 
 def main(argv=None) -> int:
@@ -118,17 +124,26 @@ def main(argv=None) -> int:
         if rows:
             bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", tok_s=f"{rows[-1]['tokens_per_s']:.0f}")
 
+    best = float("inf")
+
     def on_eval(losses):
+        nonlocal best
         bar.write(f"step {trainer.record.iters}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        if trainer.record.iters > 0:
+        if trainer.record.iters > 0 and not (args.keep_best and losses["val"] >= best):
             save_trainer(args.out, trainer, **save)
+        best = min(best, losses["val"])
 
     t0 = time.perf_counter()
     try:
         trainer.train(on_step=on_step, on_eval=on_eval)
     except KeyboardInterrupt:
         trainer.stop_reason = "interrupted"
-        save_trainer(args.out, trainer, **save)
+        if not args.keep_best:
+            save_trainer(args.out, trainer, **save)
+    except CheckpointError as e:  # --out cannot be written: found at the first save
+        bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         bar.close()
     wall = time.perf_counter() - t0
@@ -136,7 +151,7 @@ def main(argv=None) -> int:
     losses = f"val loss {rec.val_loss:.4f}, train loss {rec.train_loss:.4f}" if rec.val_loss is not None else "no loss estimate"
     print(f"{trainer.stop_reason}. {losses}, {wall:.1f} s, {rec.tokens / max(rec.seconds, 1e-9):,.0f} "
           f"tokens/s in training steps; checkpoint {args.out}.json", file=sys.stderr)
-    return 1 if trainer.stop_reason and "diverged" in trainer.stop_reason else 0
+    return 1 if trainer.diverged else 0
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ class Trainer:
         self.record = Record()
         self.history: list[dict] = []  # one row per step, plus eval rows
         self.stop_reason: str | None = None
+        self.diverged = False  # the loss stopped being finite: the weights are lost
         self._stop = threading.Event()
 
     # Driving -------------------------------------------------------------------------------
@@ -108,7 +109,8 @@ class Trainer:
         return self.stop_reason is not None or self.record.iters >= self.train_config.max_iters
 
     def request_stop(self) -> None:
-        """Ask the trainer to stop before its next step (safe from any thread)."""
+        """Ask the trainer to stop before its next step (safe from any thread). The request
+        holds until a step sees it, so one made between two calls of run() is not lost."""
         self._stop.set()
 
     def run(self, n_steps: int) -> list[dict]:
@@ -117,41 +119,53 @@ class Trainer:
         Stops early at max_iters, on request, or when the loss is no longer finite. Losses
         stay on the device until the end of the call, so the host syncs once per call.
         """
-        self._stop.clear()  # a stop asked for before this call belongs to an earlier run
         cfg = self.train_config
+        if self.diverged:
+            return []  # more steps on NaN weights cannot help
+        self.stop_reason = None  # why an earlier call stopped; this call decides anew
         losses, lrs, times = [], [], []
         self.model.train()
         start_iter = self.record.iters
         t0 = time.perf_counter()
-        while len(losses) < n_steps and self.record.iters < cfg.max_iters:
-            if self._stop.is_set():
-                self.stop_reason = "stopped on request"
-                break
-            lr = cfg.lr_at(self.record.iters)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            x, y = self.corpus.get_batch("train", cfg.batch_size, self.config.block_size, self.batch_rng)
-            _, loss = self.model(x.to(self.device), y.to(self.device))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            losses.append(loss.detach())
-            lrs.append(lr)
-            times.append(time.perf_counter())
-            self.record.iters += 1
-            self.record.tokens += cfg.batch_size * self.config.block_size
+        # Dropout draws from torch's global generator: seed it per step, and give it back after.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            while len(losses) < n_steps and self.record.iters < cfg.max_iters:
+                if self._stop.is_set():
+                    self._stop.clear()
+                    self.stop_reason = "stopped on request"
+                    break
+                torch.manual_seed(_step_seed(cfg.seed, self.record.iters))
+                lrs.append(cfg.lr_at(self.record.iters))
+                losses.append(self._step(lrs[-1]))
+                times.append(time.perf_counter())
+                self.record.iters += 1
+                self.record.tokens += cfg.batch_size * self.config.block_size
         rows = self._rows(start_iter, losses, lrs, t0, times)
         self.record.seconds += (times[-1] - t0) if times else 0.0
         self.history.extend(rows)
         bad = next((r for r in rows if not math.isfinite(r["loss"])), None)
         if bad is not None:
+            self.diverged = True
             self.stop_reason = (f"the loss became {bad['loss']} at step {bad['iter']}: training diverged. "
                                 f"Try a lower learning rate (now {cfg.learning_rate:g}).")
         elif self.record.iters >= cfg.max_iters and self.stop_reason is None:
             self.stop_reason = f"reached max_iters ({cfg.max_iters})"
         return rows
+
+    def _step(self, lr: float) -> torch.Tensor:
+        """One optimizer step on one training batch; returns the loss (still on the device)."""
+        cfg = self.train_config
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.corpus.get_batch("train", cfg.batch_size, self.config.block_size, self.batch_rng)
+        with self._autocast():
+            _, loss = self.model(x.to(self.device), y.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
 
     def _rows(self, start_iter, losses, lrs, t0, times) -> list[dict]:
         values = torch.stack(losses).float().cpu().tolist() if losses else []
@@ -177,7 +191,8 @@ class Trainer:
             total = torch.zeros((), device=self.device)
             for _ in range(cfg.eval_iters):
                 x, y = self.corpus.get_batch(split, cfg.batch_size, self.config.block_size, rng)
-                total += self.model(x.to(self.device), y.to(self.device))[1]
+                with self._autocast():
+                    total += self.model(x.to(self.device), y.to(self.device))[1]
             out[split] = (total / cfg.eval_iters).item()
         self.model.train(was_training)
         self.record.train_loss, self.record.val_loss = out["train"], out["val"]
@@ -190,17 +205,20 @@ class Trainer:
         cfg = self.train_config
         if self.record.iters == 0:
             self._eval(on_eval)
+        evaluated_at = self.record.iters
         while not self.done:
             to_eval = cfg.eval_interval - self.record.iters % cfg.eval_interval
             rows = self.run(min(chunk, to_eval))
             if on_step:
                 on_step(rows)
-            if self.record.iters % cfg.eval_interval == 0 or self.done:
+            # A stop may end a run between eval points, or before its first step: eval each step count once.
+            if self.record.iters != evaluated_at and (self.record.iters % cfg.eval_interval == 0 or self.done):
                 self._eval(on_eval)
+                evaluated_at = self.record.iters
         return self.record
 
     def _eval(self, on_eval):
-        if self.stop_reason and "diverged" in self.stop_reason:
+        if self.diverged:
             return
         losses = self.estimate_loss()
         if on_eval:
@@ -211,10 +229,15 @@ class Trainer:
         cols = ["iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "train_loss", "val_loss"]
         return pd.DataFrame(self.history, columns=cols)
 
+    def _autocast(self):
+        # On a GPU, matmuls in bfloat16 (weights and optimizer stay float32); on a CPU, float32.
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
     # State for checkpoints -----------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Optimizer moments and random states as named tensors, so a run can resume exactly."""
-        tensors = {"rng.batch": self.batch_rng.get_state(), "rng.torch": torch.get_rng_state()}
+        """Optimizer moments and the batch sampler's state as named tensors, so a run can resume
+        exactly. Dropout needs no state: run() seeds it from the seed and the step."""
+        tensors = {"rng.batch": self.batch_rng.get_state()}
         names = {p: n for n, p in self.model.named_parameters()}
         for p, state in self.optimizer.state.items():
             for key, value in state.items():
@@ -223,12 +246,17 @@ class Trainer:
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.batch_rng.set_state(tensors["rng.batch"])
-        torch.set_rng_state(tensors["rng.torch"])
         params = dict(self.model.named_parameters())
         for name, value in tensors.items():
             if name.startswith("optim."):
                 pname, key = name[len("optim."):].rsplit(".", 1)
                 self.optimizer.state[params[pname]][key] = value.to(self.device)
+
+
+def _step_seed(seed: int, it: int) -> int:
+    """Dropout's seed at step `it`: the masks depend on the run's seed and the step alone, so two
+    runs with one seed, or a run and its resumed copy, draw the same masks."""
+    return (seed * 1_000_003 + it) % 2**63
 
 
 def _pick_device(name: str) -> torch.device:

@@ -1,21 +1,52 @@
-"""GPT Explorer (placeholder until the explorer views land): load a checkpoint, sample from it."""
+"""GPT Explorer: the entry point. Builds the navigation; each view is one file in views/.
+
+    streamlit run explorer/app.py
+"""
+
 import sys
 from pathlib import Path
 
-import streamlit as st
-import torch
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `streamlit run` puts explorer/ on the path, not the repository root
+    sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+import streamlit as st  # noqa: E402
+import torch  # noqa: E402
 
-st.title("GPT Explorer")
-path = st.text_input("Checkpoint (NAME of NAME.safetensors + NAME.json)")
-if path:
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as e:
-        st.error(str(e))
-    else:
-        st.write(f"{ckpt.model.num_params():,} parameters")
-        out = ckpt.model.generate(torch.tensor([[0]]), 200, generator=torch.Generator().manual_seed(0))
-        st.code(ckpt.tokenizer.decode(out[0]))
+from explorer import state  # noqa: E402  (imports core, so after the path is set)
+
+VIEWS = Path(__file__).parent / "views"
+# The views, in sidebar order: (file in views/, title, icon). A new view is one more line.
+PAGES = [
+    ("attention.py", "Attention", ":material/visibility:"),
+    ("trick.py", "The trick", ":material/functions:"),
+    ("activations.py", "Activations", ":material/bolt:"),
+    ("sample.py", "Sample", ":material/edit_note:"),
+    ("data.py", "Data", ":material/table_rows:"),
+    ("export.py", "Export", ":material/download:"),
+]
+
+
+def one_torch_thread() -> None:
+    """Every session shares the server's cores: one thread per computation. On 2 cores, more
+    threads made concurrent work slower (see the project's Streamlit notes)."""
+    torch.set_num_threads(1)
+    if torch.get_num_interop_threads() != 1:
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # torch allows it only before its first parallel work
+            pass
+
+
+def main() -> None:
+    """Built in a function so that a test can drive it (as Streamlit's own hello app does)."""
+    st.set_page_config(page_title="GPT Explorer", page_icon=":material/visibility:", layout="wide")
+    page = st.navigation([st.Page(VIEWS / file, title=title, icon=icon) for file, title, icon in PAGES])
+    st.sidebar.title("GPT Explorer")
+    state.model_sidebar()
+    page.run()
+
+
+if __name__ == "__main__":  # as `streamlit run` runs it; a test may import PAGES without side effects
+    one_torch_thread()
+    main()

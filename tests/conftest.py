@@ -1,6 +1,8 @@
 """Shared fixtures: tiny seeded models, and Tiny Shakespeare from a local copy (never the internet)."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,17 @@ def shakespeare() -> str:
 @pytest.fixture
 def tiny_text() -> str:
     return TINY_TEXT
+
+
+# The explorer app's tests: one small model trained by the project's own command line.
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, shakespeare) -> Path:
+    """NAME.json of a 2-layer model trained for 100 steps, alone in its folder (the app lists
+    that folder when $GPT_EXPLORER_PRETRAINED points at it)."""
+    out = tmp_path_factory.mktemp("pretrained") / "tiny"
+    subprocess.run([sys.executable, "-m", "core.train", "--preset", "layernorm", "--n-layer", "2",
+                    "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--max-iters", "100",
+                    "--eval-interval", "50", "--eval-iters", "2", "--batch-size", "8", "--threads", "1",
+                    "--no-state", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return out.with_suffix(".json")

@@ -17,3 +17,15 @@ def tiny_config(preset: str = "layernorm", vocab_size: int = 20, **overrides) ->
 def tiny_model(preset: str = "layernorm", seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     return GPT(tiny_config(preset, **overrides)).eval()
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02) -> bool:
+    """Poll predicate until it is true or the timeout passes."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -165,6 +165,30 @@ def test_generate_crops_context_beyond_block_size():
     assert out.shape[1] == 1 + 3 * model.config.block_size
 
 
+@pytest.mark.parametrize("preset", ["bigram", "one_head", "layernorm"])
+def test_kv_cache_samples_the_same_characters(preset):
+    """Across several window slides, the key/value cache changes the speed, not the text."""
+    model = tiny_model(preset, seed=1)
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    n = 3 * model.config.block_size
+    fast = list(model.generate_stream(prompt, n, generator=torch.Generator().manual_seed(5)))
+    slow = list(model.generate_stream(prompt, n, generator=torch.Generator().manual_seed(5), kv_cache=False))
+    assert torch.equal(torch.cat([t for t, _ in fast], 1), torch.cat([t for t, _ in slow], 1))
+    for (_, p_fast), (_, p_slow) in zip(fast, slow):
+        torch.testing.assert_close(p_fast, p_slow, atol=1e-6, rtol=1e-5)
+
+
+def test_kv_forward_matches_full_forward():
+    model = tiny_model("layernorm")
+    idx = tokens(model.config, B=1)
+    full, _ = model(idx)
+    from core.model import KVCache
+    kv = KVCache(model.config.n_layer)
+    first, _ = model(idx[:, :5], kv=kv)
+    rest = [model(idx[:, t:t + 1], kv=kv)[0] for t in range(5, idx.shape[1])]
+    torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_top_k_1_equals_greedy():
     model = tiny_model("layernorm", seed=3)
     start = torch.tensor([[1, 2, 3]])

@@ -1,0 +1,197 @@
+"""Plotly figures for the explorer: pure functions, numpy arrays and labels in, go.Figure out.
+
+No Streamlit and no model in here, so every figure can be built and checked in a test.
+Matrices go in as numpy float32 (Plotly then sends them base64-encoded; Python lists made a
+256-character grid take 2.5 s to build) and characters as core.tokenizer.visible labels.
+Rows run top to bottom, as in a printed matrix: row i of an attention matrix is query i.
+"""
+
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.colors import sequential
+from plotly.subplots import make_subplots
+
+WEIGHTS = "Blues"  # attention weights and probabilities, 0 (white) to 1 (dark blue)
+SIGNED = "RdBu_r"  # scores and activations, blue below 0 and red above
+MAX_TICKS = 64  # with more characters than this on an axis, label every k-th
+GRID_TILE = 128  # the largest side of one head in the all-heads grid (keeps T=256 under 2 MB)
+GAP = "#d9d9d9"  # the grey between the tiles of the grid
+
+
+def position_labels(chars: list[str]) -> list[str]:
+    """One category per position ("3 e"), so a character that occurs twice keeps two columns."""
+    return [f"{i} {c}" for i, c in enumerate(chars)]
+
+
+def _char_ticks(chars: list[str]) -> dict:
+    """Axis settings that print the characters themselves under the position categories."""
+    step = math.ceil(len(chars) / MAX_TICKS)
+    return dict(tickmode="array", tickvals=position_labels(chars)[::step], ticktext=chars[::step], tickangle=0)
+
+
+def _finish(fig: go.Figure, title: str, height: int | None = None) -> go.Figure:
+    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
+def heatmap(z: np.ndarray, x: list[str], y: list[str], title: str = "", *, x_title: str = "",
+            y_title: str = "", value: str = "value", colorscale=SIGNED, zmin=None, zmax=None, zmid=None,
+            text: np.ndarray | None = None, cell_format: str | None = None, height: int | None = None) -> go.Figure:
+    """A matrix on categorical axes. text writes a string in every cell (hover shows it too);
+    cell_format (a d3 format such as ".2f") writes the values instead."""
+    hover = f"{y_title} %{{y}}<br>{x_title} %{{x}}<br>{value} %{{z:.3f}}"
+    trace = go.Heatmap(z=np.asarray(z, dtype=np.float32), x=x, y=y, colorscale=colorscale, zmin=zmin,
+                       zmax=zmax, zmid=zmid, hoverongaps=False, colorbar=dict(thickness=12))
+    if text is not None:
+        trace.update(text=text, texttemplate="%{text}")
+        hover += "<br>%{text}"
+    elif cell_format:
+        trace.update(texttemplate=f"%{{z:{cell_format}}}")
+    trace.update(hovertemplate=hover + "<extra></extra>")
+    fig = go.Figure(trace)
+    fig.update_xaxes(type="category", title=x_title, showgrid=False)
+    fig.update_yaxes(type="category", title=y_title, autorange="reversed", showgrid=False)
+    return _finish(fig, title, height)
+
+
+def by_position(z: np.ndarray, rows: list[str], chars: list[str], title: str = "", *, row_title: str = "",
+                **style) -> go.Figure:
+    """A (rows, T) matrix with one column per prompt position, labelled by its character."""
+    fig = heatmap(z, position_labels(chars), rows, title, x_title="position", y_title=row_title, **style)
+    fig.update_xaxes(**_char_ticks(chars))
+    return fig
+
+
+def attention_heatmap(scores: np.ndarray, chars: list[str], step: str, title: str = "") -> go.Figure:
+    """One head's (T, T) matrix at one step of attention (raw, scaled, masked or softmax).
+    Masked cells (-inf) are drawn empty: NaN is Plotly's "no value"."""
+    masked = np.isneginf(scores)
+    style = dict(colorscale=WEIGHTS, zmin=0, zmax=1) if step == "softmax" else dict(colorscale=SIGNED, zmid=0)
+    labels = position_labels(chars)
+    fig = heatmap(np.where(masked, np.nan, scores), labels, labels, title, x_title="key", y_title="query",
+                  value="weight" if step == "softmax" else "score", height=620, **style)
+    fig.update_xaxes(**_char_ticks(chars), side="top")
+    fig.update_yaxes(**_char_ticks(chars), scaleanchor="x")
+    if masked.any():
+        # The masked cells fill the upper right triangle, so the note sits there.
+        fig.add_annotation(text="empty cells: −inf (masked)<br>a character may not look ahead",
+                           xref="paper", yref="paper", x=0.98, y=0.98, xanchor="right", yanchor="top",
+                           showarrow=False, align="right")
+    return fig
+
+
+def head_grid(patterns: np.ndarray) -> go.Figure:
+    """Every head's attention weights (L, H, T, T) as small multiples: one tiled uint8 trace.
+
+    One trace of bytes instead of L*H float traces keeps the figure small (6x6 heads at
+    T=256: under 2 MB). Above GRID_TILE positions each pixel shows the largest weight of a
+    block of cells, so a sharp pattern stays visible.
+    """
+    L, H, T, _ = patterns.shape
+    f = math.ceil(T / GRID_TILE)  # cells per pixel along each side
+    t = math.ceil(T / f)
+    padded = np.zeros((L, H, t * f, t * f), np.float32)
+    padded[..., :T, :T] = patterns
+    pooled = padded.reshape(L, H, t, f, t, f).max(axis=(3, 5))
+    tiles = (1 + np.rint(pooled * 254)).astype(np.uint8)  # weights 0..1 -> 1..255; 0 marks the gaps
+    gap = max(1, t // 12)
+    tiles = np.pad(tiles, ((0, 0), (0, 0), (0, gap), (0, gap)))
+    canvas = tiles.transpose(0, 2, 1, 3).reshape(L * (t + gap), H * (t + gap))[:-gap, :-gap]
+    blues = sequential.Blues
+    colorscale = [[0, GAP]] + [[1 / 255 + i / (len(blues) - 1) * 254 / 255, c] for i, c in enumerate(blues)]
+    fig = go.Figure(go.Heatmap(z=canvas, colorscale=colorscale, zmin=0, zmax=255, hoverinfo="skip",
+                               colorbar=dict(thickness=12, tickvals=[1, 128, 255], ticktext=["0", "0.5", "1"])))
+    fig.update_xaxes(tickvals=np.arange(H) * (t + gap) + (t - 1) / 2, ticktext=[f"head {h}" for h in range(H)], side="top",
+                     showgrid=False, zeroline=False)
+    fig.update_yaxes(tickvals=np.arange(L) * (t + gap) + (t - 1) / 2, ticktext=[f"layer {i}" for i in range(L)], autorange="reversed",
+                     showgrid=False, zeroline=False, scaleanchor="x")
+    return _finish(fig, "Attention weights of every head (rows: queries, columns: keys)", 120 + 110 * L)
+
+
+def bar_chart(values: np.ndarray, labels: list[str], title: str = "", *, x_title: str = "",
+              y_title: str = "", highlight: int | None = None, height: int = 320) -> go.Figure:
+    """Bars in the given order; the bar at index highlight is drawn in another colour."""
+    colors = ["#d62728" if i == highlight else "#1f77b4" for i in range(len(labels))]
+    fig = go.Figure(go.Bar(x=labels, y=np.asarray(values, dtype=np.float32), marker_color=colors,
+                           hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+    fig.update_xaxes(type="category", title=x_title)
+    fig.update_yaxes(title=y_title)
+    return _finish(fig, title, height)
+
+
+def weighted_sum(weights: np.ndarray, values: np.ndarray, z: np.ndarray, chars: list[str]) -> go.Figure:
+    """The lecture's weighted aggregation for one query: weights w (n,) times values v (n, hs),
+    row by row, summed down the columns, give the head's output z (hs,)."""
+    contributions = weights[:, None] * values
+    rows, dims = position_labels(chars), [str(d) for d in range(values.shape[1])]
+    fig = make_subplots(rows=2, cols=3, column_widths=[0.12, 0.44, 0.44], row_heights=[0.85, 0.15],
+                        specs=[[{}, {}, {}], [None, None, {}]], horizontal_spacing=0.05, vertical_spacing=0.08,
+                        subplot_titles=["w (attention)", "v (hook_v)", "w · v", "z = Σ w · v (hook_z)"])
+    cell = "%{y}, dim %{x}: %{z:.3f}<extra></extra>"
+    fig.add_trace(go.Heatmap(z=weights[:, None].astype(np.float32), x=["w"], y=rows, colorscale=WEIGHTS,
+                             zmin=0, zmax=1, showscale=False, hovertemplate="%{y}: w = %{z:.3f}<extra></extra>"), 1, 1)
+    for col, matrix in ((2, values), (3, contributions)):
+        fig.add_trace(go.Heatmap(z=matrix.astype(np.float32), x=dims, y=rows, coloraxis="coloraxis",
+                                 hovertemplate=cell), 1, col)
+    fig.add_trace(go.Heatmap(z=z[None, :].astype(np.float32), x=dims, y=["z"], coloraxis="coloraxis",
+                             hovertemplate="z, dim %{x}: %{z:.3f}<extra></extra>"), 2, 3)
+    fig.update_xaxes(type="category", showgrid=False)
+    fig.update_yaxes(type="category", autorange="reversed", showgrid=False)
+    fig.update_yaxes(**_char_ticks(chars), row=1)
+    fig.update_layout(coloraxis=dict(colorscale=SIGNED, cmid=0, colorbar=dict(thickness=12)))
+    return _finish(fig, "", 200 + 16 * len(chars))
+
+
+def bipartite(weights: np.ndarray, chars: list[str], min_weight: float = 0.02, levels: int = 8) -> go.Figure:
+    """One head as lines from keys (left) to queries (right), more opaque for more weight.
+
+    Lines are grouped into `levels` traces of equal opacity (a Plotly trace has one opacity);
+    weights below min_weight are left out.
+    """
+    T = len(chars)
+    query, key = np.tril_indices(T)
+    w = weights[query, key]
+    level = np.minimum((w * levels).astype(int), levels - 1)
+    fig = go.Figure()
+    for b in range(levels):
+        pick = (level == b) & (w >= min_weight)
+        n = int(pick.sum())
+        if n == 0:
+            continue
+        xs = np.tile([0.0, 1.0, np.nan], n)
+        ys = np.stack([key[pick], query[pick], np.full(n, np.nan)], axis=1).ravel()
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", opacity=(b + 1) / levels, hoverinfo="skip",
+                                 line=dict(color="#1f4e99", width=2), showlegend=False))
+    for x, side, position in ((0, "keys", "middle left"), (1, "queries", "middle right")):
+        fig.add_trace(go.Scatter(x=[x] * T, y=list(range(T)), mode="markers+text", text=chars,
+                                 textposition=position, marker=dict(size=5, color="#444"), showlegend=False,
+                                 hovertemplate=f"{side[:-1]} %{{y}}: %{{text}}<extra></extra>"))
+        fig.add_annotation(x=x, y=-1.5, text=side, showarrow=False)
+    fig.update_xaxes(visible=False, range=[-0.3, 1.3])
+    fig.update_yaxes(visible=False, autorange="reversed")
+    return _finish(fig, "", 120 + 16 * T)
+
+
+def line_chart(series: dict[str, np.ndarray], chars: list[str], title: str = "", *, y_title: str = "",
+               dashed: tuple[str, ...] = ()) -> go.Figure:
+    """One line per named series over the prompt's positions."""
+    x = position_labels(chars)
+    fig = go.Figure([go.Scatter(x=x, y=np.asarray(y, dtype=np.float32), name=name, mode="lines+markers",
+                                line=dict(dash="dash" if name in dashed else "solid"))
+                     for name, y in series.items()])
+    fig.update_xaxes(type="category", title="position", **_char_ticks(chars))
+    fig.update_yaxes(title=y_title)
+    return _finish(fig, title, 360)
+
+
+def scatter_2d(points: np.ndarray, labels: list[str], title: str = "", *, x_title: str = "",
+               y_title: str = "") -> go.Figure:
+    """Labelled points, e.g. the token embeddings projected on two directions."""
+    fig = go.Figure(go.Scatter(x=points[:, 0], y=points[:, 1], mode="markers+text", text=labels,
+                               textposition="top center", marker=dict(size=6),
+                               hovertemplate="%{text}: (%{x:.2f}, %{y:.2f})<extra></extra>"))
+    fig.update_xaxes(title=x_title)
+    fig.update_yaxes(title=y_title)
+    return _finish(fig, title, 520)

@@ -1,0 +1,178 @@
+"""What the views share: session keys, the model picker and model card, cached read-only loads.
+
+Where models come from, in the order the picker lists them:
+- pretrained: NAME.json + NAME.safetensors in $GPT_EXPLORER_PRETRAINED (default: pretrained/),
+  loaded once per file version and shared by every session, so never changed in place;
+- uploaded: a .safetensors + .json pair uploaded in this browser session;
+- trained here: `trained_models()`, which the Train view fills.
+"""
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import streamlit as st
+
+from core import PRESETS, GPTConfig
+from core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_checkpoint_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+PRETRAINED_ENV = "GPT_EXPLORER_PRETRAINED"
+
+# Session keys.
+MODEL = "model"  # the picker's choice: a label such as "tiny (pretrained)"
+CHECKPOINT = "checkpoint"  # the Checkpoint that label resolved to in this run, or None
+UPLOADER = "upload"
+UPLOADED = "uploaded_models"  # name -> Checkpoint, from this session's uploads
+LAST_UPLOAD = "last_upload"  # file ids of the pair already loaded, so a rerun does not reload it
+TRAINED = "trained_models"  # name -> Checkpoint, trained in this browser session
+
+# What each stage of the lecture adds (the order of core.PRESETS).
+STAGES = {
+    "bigram": "each character predicts the next from a lookup table",
+    "one_head": "one head of self-attention over token + position embeddings",
+    "multi_head": "several heads side by side, concatenated",
+    "ffn": "a feed-forward layer after attention: communication, then computation",
+    "residual": "residual connections around a stack of blocks",
+    "layernorm": "pre-norm LayerNorm in every block and before the output",
+    "full": "scaled up: dropout, more layers, heads, dimensions and context",
+    "custom": "a mix of switches that is none of the lecture's stages",
+}
+
+
+def pretrained_dir() -> Path:
+    return Path(os.environ.get(PRETRAINED_ENV) or ROOT / "pretrained")
+
+
+def pretrained_paths() -> list[Path]:
+    return sorted(pretrained_dir().glob("*.json"))
+
+
+@st.cache_resource(max_entries=8, show_spinner="Loading the checkpoint…")
+def load_pretrained(path: str, mtime: float) -> Checkpoint:
+    """One copy per file version (mtime is in the key) for every session: read it, never train it."""
+    return load_checkpoint(path)
+
+
+def trained_models() -> dict[str, Checkpoint]:
+    """Models trained in this browser session, by name: the picker lists them.
+    The Train view adds its result with `add_trained_model`."""
+    return st.session_state.setdefault(TRAINED, {})
+
+
+def add_trained_model(name: str, ckpt: Checkpoint) -> None:
+    trained_models()[name] = ckpt
+
+
+def uploaded_models() -> dict[str, Checkpoint]:
+    return st.session_state.setdefault(UPLOADED, {})
+
+
+def load_upload(files: list) -> Checkpoint:
+    """A checkpoint from uploaded files: exactly one .safetensors and one .json."""
+    weights = [f for f in files if f.name.endswith(".safetensors")]
+    metas = [f for f in files if f.name.endswith(".json")]
+    if len(weights) != 1 or len(metas) != 1:
+        raise CheckpointError("upload one .safetensors file and one .json file together "
+                              f"(got: {', '.join(f.name for f in files)})")
+    return load_checkpoint_bytes(weights[0].getvalue(), metas[0].getvalue(), name=Path(metas[0].name).stem)
+
+
+def model_choices() -> dict[str, Callable[[], Checkpoint]]:
+    """Picker label -> how to get that checkpoint."""
+    choices = {}
+    for path in pretrained_paths():
+        choices[f"{path.stem} (pretrained)"] = lambda p=path: load_pretrained(str(p), p.stat().st_mtime)
+    for name, ckpt in uploaded_models().items():
+        choices[f"{name} (uploaded)"] = lambda c=ckpt: c
+    for name, ckpt in trained_models().items():
+        choices[f"{name} (trained here)"] = lambda c=ckpt: c
+    return choices
+
+
+def model_sidebar() -> None:
+    """The sidebar every view shares: pick a model, upload one, read its card. Stores the
+    chosen Checkpoint (or None) under CHECKPOINT for the view to read."""
+    picker = st.sidebar.container()  # filled last, so a fresh upload is already in the list
+    with st.sidebar.expander("Upload a checkpoint"):
+        _upload_box()
+    choices = model_choices()
+    st.session_state[CHECKPOINT] = None
+    if not choices:
+        picker.info(f"No checkpoints in `{pretrained_dir()}`. Upload a `.safetensors` + `.json` pair below, "
+                    "or train one: `python -m core.train --preset layernorm --out pretrained/NAME`.")
+        return
+    label = picker.selectbox("Model", list(choices), key=MODEL)
+    try:
+        ckpt = choices[label]()
+    except (CheckpointError, OSError) as e:
+        picker.error(f"Could not load {label}: {e}")
+        return
+    st.session_state[CHECKPOINT] = ckpt
+    with picker.expander("Model card", expanded=False):
+        model_card(ckpt)
+
+
+def _upload_box() -> None:
+    files = st.file_uploader("NAME.safetensors and NAME.json", type=["safetensors", "json"],
+                             accept_multiple_files=True, key=UPLOADER)
+    if not files:
+        return
+    ids = tuple(sorted(f.file_id for f in files))
+    if ids == st.session_state.get(LAST_UPLOAD):
+        return
+    try:
+        ckpt = load_upload(files)
+    except CheckpointError as e:
+        st.error(f"Not a valid checkpoint: {e}")
+        return
+    uploaded_models()[ckpt.name] = ckpt
+    st.session_state[LAST_UPLOAD] = ids
+    st.session_state[MODEL] = f"{ckpt.name} (uploaded)"  # show what was just uploaded
+    st.success(f"Loaded {ckpt.name}.")
+
+
+def checkpoint() -> Checkpoint | None:
+    return st.session_state.get(CHECKPOINT)
+
+
+def require_checkpoint() -> Checkpoint:
+    """The chosen model; without one, say where to get one and end this run of the view."""
+    ckpt = checkpoint()
+    if ckpt is None:
+        st.info("Choose a model in the sidebar, upload one there, or train one first.")
+        st.stop()
+    return ckpt
+
+
+def guess_stage(config: GPTConfig) -> str:
+    """Which stage of the lecture a model is at, from its switches (see core.PRESETS)."""
+    c = config
+    if not c.attention:
+        return "bigram"
+    if not (c.feed_forward or c.residual or c.layer_norm):
+        return "one_head" if c.n_head == 1 else "multi_head"
+    if c.feed_forward and not c.residual and not c.layer_norm:
+        return "ffn"
+    if c.residual and not c.layer_norm:
+        return "residual"
+    if c.residual and c.layer_norm:
+        scaled_up = c.dropout > 0 or c.n_embd >= PRESETS["full"]["n_embd"]
+        return "full" if scaled_up else "layernorm"
+    return "custom"
+
+
+def model_card(ckpt: Checkpoint) -> None:
+    c, rec = ckpt.model.config, ckpt.record
+    stage = guess_stage(c)
+    st.markdown(f"**Stage: {stage}**: {STAGES[stage]}.")
+    st.markdown(f"{ckpt.model.num_params():,} parameters (without the position table)  \n"
+                f"vocabulary {c.vocab_size}, context {c.block_size}, {c.n_layer} layer(s) × {c.n_head} head(s), "
+                f"{c.n_embd} dims ({c.head_size} a head), dropout {c.dropout}, {c.activation}")
+    if rec.iters:
+        losses = f", train loss {rec.train_loss:.3f}, val loss {rec.val_loss:.3f}" if rec.val_loss is not None else ""
+        st.markdown(f"Trained {rec.iters:,} steps on {rec.tokens:,} tokens in {rec.seconds:.0f} s{losses}.")
+    else:
+        st.markdown("Untrained: its weights are still random.")
+    for key, value in ckpt.extra.items():
+        st.markdown(f"{key}: {value}")

@@ -1,0 +1,110 @@
+"""One real browser: every view of `streamlit run explorer/app.py` opens in chromium without an
+error, and leaves a screenshot in test-artifacts/ (and in docs/screenshots/ for the README when
+GPT_EXPLORER_UPDATE_SCREENSHOTS=1)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from explorer.app import PAGES
+from explorer.state import PRETRAINED_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts"
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+UPDATE_ENV = "GPT_EXPLORER_UPDATE_SCREENSHOTS"
+# Streamlit is idle when its app root says so (see the project's Streamlit notes).
+IDLE = '[data-testid="stApp"][data-test-connection-state="CONNECTED"][data-test-script-state="notRunning"]'
+# Every visible Plotly chart has drawn its SVG (charts in hidden tabs draw when shown).
+CHARTS_DRAWN = """() => [...document.querySelectorAll('[data-testid="stPlotlyChart"]')]
+    .filter(e => e.offsetParent !== null).every(e => e.querySelector('.main-svg'))"""
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install chromium")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tiny_checkpoint, tmp_path):
+    """The app served by `streamlit run` on a free port, its log in a file; stopped at the end."""
+    port, log_path = free_port(), tmp_path / "server.log"
+    env = {**os.environ, PRETRAINED_ENV: str(tiny_checkpoint.parent)}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "explorer/app.py", "--server.headless",
+                                 "true", "--server.port", str(port)], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError("streamlit did not answer its health check")
+
+
+def test_every_view_in_a_real_browser(server):
+    from playwright.sync_api import sync_playwright
+
+    url, log_path = server
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        # Streamlit scrolls inside its own container, so a full-page shot needs a tall viewport.
+        page = browser.new_page(viewport={"width": 1400, "height": 1500})
+        try:
+            for i, (file, title, _) in enumerate(PAGES):
+                name = Path(file).stem
+                page.goto(f"{url}/{name if i else ''}")  # the first page is the app's root
+                page.wait_for_selector("h1")  # content first, then idle: idle alone races the first run
+                _wait_idle(page)
+                if name == "sample":
+                    page.get_by_role("button", name="Generate").click()
+                    page.wait_for_selector('[data-testid="stPlotlyChart"]', timeout=60_000)
+                    _wait_idle(page)
+                assert page.locator('[data-testid="stException"]').count() == 0, f"{title} shows an exception"
+                page.screenshot(path=ARTIFACTS / f"{name}.png")
+        finally:
+            browser.close()
+    log = log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "Uncaught" not in log, log
+    if os.environ.get(UPDATE_ENV) == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        for file, _, _ in PAGES:
+            shutil.copy(ARTIFACTS / f"{Path(file).stem}.png", SCREENSHOTS)
+
+
+def _wait_idle(page) -> None:
+    page.wait_for_selector(IDLE, timeout=60_000)
+    page.wait_for_function(CHARTS_DRAWN, timeout=60_000)

@@ -1,0 +1,118 @@
+"""The explorer's pure figure builders and table helpers: what each figure holds, and its size."""
+
+import io
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from explorer import figures, ui
+
+
+def causal_softmax(T: int, seed: int = 0, heads: tuple[int, ...] = ()) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(*heads, T, T))
+    scores[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] = -np.inf
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def test_position_labels_keep_repeated_characters_apart():
+    labels = figures.position_labels(list("aab"))
+    assert labels == ["0 a", "1 a", "2 b"] and len(set(labels)) == 3
+
+
+def test_masked_cells_are_empty_and_annotated():
+    scores = np.array([[1.0, -np.inf], [2.0, 3.0]], dtype=np.float32)
+    fig = figures.attention_heatmap(scores, ["a", "a"], "masked")
+    z = fig.data[0].z
+    assert np.isnan(z[0, 1]) and z[1, 0] == 2.0
+    assert "−inf" in fig.layout.annotations[0].text
+    assert list(fig.data[0].x) == ["0 a", "1 a"]  # two columns, though the character repeats
+    assert list(fig.layout.xaxis.ticktext) == ["a", "a"]
+
+
+def test_softmax_heatmap_is_on_a_0_to_1_scale_without_a_mask_note():
+    fig = figures.attention_heatmap(causal_softmax(4), list("abcd"), "softmax")
+    assert (fig.data[0].zmin, fig.data[0].zmax) == (0, 1)
+    assert not fig.layout.annotations
+
+
+def test_long_axes_label_every_kth_character():
+    chars = [chr(97 + i % 26) for i in range(256)]
+    fig = figures.attention_heatmap(causal_softmax(256), chars, "softmax")
+    assert len(fig.layout.xaxis.tickvals) <= figures.MAX_TICKS
+
+
+@pytest.mark.parametrize("T", [1, 5, 128])
+def test_head_grid_tiles_hold_the_weights(T):
+    patterns = causal_softmax(T, heads=(2, 3))
+    fig = figures.head_grid(patterns)
+    canvas = fig.data[0].z
+    assert len(fig.data) == 1 and canvas.dtype == np.uint8
+    gap = max(1, T // 12)
+    for layer in range(2):
+        for head in range(3):
+            r, c = layer * (T + gap), head * (T + gap)
+            tile = (canvas[r:r + T, c:c + T].astype(np.float32) - 1) / 254
+            np.testing.assert_allclose(tile, patterns[layer, head], atol=0.5 / 254 + 1e-6)
+    assert (canvas == 0).sum() == canvas.size - 6 * T * T  # the gaps, and only they, are 0
+
+
+def test_head_grid_stays_small_at_long_prompts_and_keeps_sharp_weights():
+    patterns = causal_softmax(256, heads=(6, 6))
+    patterns[0, 0] = np.eye(256)  # a head that looks only at itself
+    fig = figures.head_grid(patterns)
+    assert len(fig.to_json()) <= 2_000_000  # the whole-model grid for 6 x 6 heads at 256 characters
+    tile = fig.data[0].z[:128, :128]
+    assert (np.diag(tile) == 255).all()  # max-pooling kept the diagonal at full weight
+
+
+def test_bar_chart_highlights_one_bar():
+    fig = figures.bar_chart(np.array([0.5, 0.3, 0.2]), ["a", "b", "c"], highlight=1)
+    colors = fig.data[0].marker.color
+    assert colors[1] != colors[0] == colors[2]
+
+
+def test_weighted_sum_panels_add_up():
+    rng = np.random.default_rng(0)
+    w = np.array([0.2, 0.3, 0.5], dtype=np.float32)
+    v = rng.normal(size=(3, 4)).astype(np.float32)
+    fig = figures.weighted_sum(w, v, w @ v, list("abc"))
+    weights, values, contributions, z = (trace.z for trace in fig.data)
+    np.testing.assert_allclose(contributions, w[:, None] * v, rtol=1e-6)
+    np.testing.assert_allclose(contributions.sum(0), z[0], rtol=1e-5)
+    np.testing.assert_allclose(weights[:, 0], w)
+
+
+def test_bipartite_draws_one_line_per_weight_above_the_threshold():
+    w = causal_softmax(6)
+    fig = figures.bipartite(w, list("abcdef"), min_weight=0.05)
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert sum(int(np.isnan(t.y).sum()) for t in lines) == int((w[np.tril_indices(6)] >= 0.05).sum())
+    opacities = [t.opacity for t in lines]
+    assert opacities == sorted(opacities) and max(opacities) <= 1
+
+
+def test_by_position_and_line_chart_put_characters_on_x():
+    chars = list("hello")
+    fig = figures.by_position(np.ones((2, 5)), ["x", "y"], chars, text=np.full((2, 5), "e"))
+    assert list(fig.layout.xaxis.ticktext) == chars and fig.data[0].texttemplate == "%{text}"
+    lines = figures.line_chart({"mean": np.zeros(5), "std": np.ones(5)}, chars, dashed=("std",))
+    assert [t.name for t in lines.data] == ["mean", "std"] and lines.data[1].line.dash == "dash"
+
+
+def test_scatter_labels_every_point():
+    fig = figures.scatter_2d(np.zeros((3, 2)), ["a", "b", "⏎"])
+    assert isinstance(fig, go.Figure) and list(fig.data[0].text) == ["a", "b", "⏎"]
+
+
+def test_npz_and_csv_round_trip():
+    arrays = {"blocks.0.attn.hook_pattern": causal_softmax(3), "tokens": np.array([1, 2, 3])}
+    loaded = np.load(io.BytesIO(ui.npz_bytes(arrays)))
+    for name, a in arrays.items():
+        np.testing.assert_array_equal(loaded[name], a)
+    frame = ui.matrix_frame(np.eye(2), ["0 a", "1 a"], ["0 a", "1 a"])
+    back = pd.read_csv(io.StringIO(frame.to_csv()), index_col=0)
+    np.testing.assert_array_equal(back.to_numpy(), np.eye(2))

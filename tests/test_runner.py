@@ -1,0 +1,141 @@
+"""The live-training runner: progress, stop and resume, the queue, failures, no leftover threads."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from core import CharTokenizer, GPTConfig
+from core.data import Corpus
+from core.trainer import TrainConfig, Trainer
+from explorer.runner import TrainingRunner, TrainingSlots
+from helpers import wait_for
+
+TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 30
+
+
+def make_runner(slots, max_iters=40, **kwargs) -> TrainingRunner:
+    tok = CharTokenizer.from_text(TEXT)
+    cfg = GPTConfig.from_preset("layernorm", vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=16, block_size=16)
+    tcfg = TrainConfig(batch_size=4, max_iters=max_iters, eval_interval=20, eval_iters=2, warmup_iters=5)
+    trainer = Trainer(cfg, tcfg, Corpus(TEXT, cfg.block_size, tok))
+    defaults = dict(probe_ids=tok.encode("To be, or not"), sample_every=20, snapshot_every=10, sample_chars=20)
+    return TrainingRunner(trainer, slots, **{**defaults, **kwargs})
+
+
+@pytest.fixture
+def slots():
+    return TrainingSlots(capacity=1)
+
+
+def test_a_run_reports_progress_to_the_end(slots):
+    runner = make_runner(slots)
+    runner.start()
+    assert wait_for(lambda: not runner.alive)
+    p = runner.snapshot()
+    assert p.status == "finished" and "max_iters" in p.message
+    assert [r["iter"] for r in p.steps] == list(range(1, 41))
+    assert [e["iter"] for e in p.evals] == [0, 20, 40]
+    assert p.evals[-1]["val_loss"] < p.evals[0]["val_loss"]
+    assert [it for it, _ in p.samples] == [0, 20, 40] and all(len(text) == 20 for _, text in p.samples)
+    its = [it for it, _ in p.snapshots]
+    assert its == [0, 10, 20, 30, 40]
+    pattern = p.snapshots[-1][1]
+    assert pattern.shape == (2, 2, 13, 13) and pattern.dtype == np.float16
+    np.testing.assert_allclose(pattern.astype(np.float32).sum(-1), 1.0, atol=1e-2)
+    # Heads change as the model learns.
+    assert not np.allclose(p.snapshots[0][1], p.snapshots[-1][1], atol=1e-3)
+
+
+def test_stop_then_resume(slots):
+    runner = make_runner(slots, max_iters=100_000, snapshot_every=0)
+    runner.start()
+    assert wait_for(lambda: runner.snapshot().iters >= 10)
+    runner.stop()
+    runner.join(10)
+    stopped = runner.snapshot()
+    assert stopped.status == "stopped" and 10 <= stopped.iters < 100_000
+    assert slots.running == 0
+    runner.start()  # resume on the same trainer
+    assert wait_for(lambda: runner.snapshot().iters >= stopped.iters + 10)
+    runner.stop()
+    runner.join(10)
+    steps = [r["iter"] for r in runner.snapshot().steps]
+    assert steps == list(range(1, len(steps) + 1))  # no step lost or repeated
+
+
+def test_the_cap_queues_a_second_run(slots):
+    first = make_runner(slots, max_iters=100_000, snapshot_every=0, sample_every=0)
+    second = make_runner(slots, max_iters=20, snapshot_every=0, sample_every=0)
+    first.start()
+    assert wait_for(lambda: first.queue_position() == 0)
+    second.start()
+    assert wait_for(lambda: second.snapshot().status == "queued" and second.queue_position() == 1)
+    assert second.snapshot().iters == 0
+    first.stop()
+    assert wait_for(lambda: second.snapshot().status == "finished")
+    first.join(10)
+
+
+def test_leaving_the_queue(slots):
+    first = make_runner(slots, max_iters=100_000, snapshot_every=0, sample_every=0)
+    second = make_runner(slots, snapshot_every=0, sample_every=0)
+    first.start()
+    assert wait_for(lambda: first.queue_position() == 0)
+    second.start()
+    assert wait_for(lambda: second.queue_position() == 1)
+    second.stop()
+    second.join(10)
+    assert second.snapshot().status == "stopped" and second.queue_position() == -1
+    first.stop()
+    first.join(10)
+    assert slots.running == 0
+
+
+def test_a_failure_is_reported_and_frees_the_slot(slots, monkeypatch):
+    runner = make_runner(slots)
+
+    def broken(n):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(runner.trainer, "run", broken)
+    runner.start()
+    runner.join(10)
+    p = runner.snapshot()
+    assert p.status == "failed" and "out of memory" in p.message
+    assert slots.running == 0
+
+
+def test_divergence_fails_with_advice(slots):
+    runner = make_runner(slots, snapshot_every=0, sample_every=0)
+    runner.trainer.train_config.learning_rate = 1e6
+    runner.trainer.train_config.min_lr = 1e6
+    runner.trainer.train_config.grad_clip = 0
+    runner.trainer.train_config.warmup_iters = 0
+    runner.start()
+    runner.join(20)
+    p = runner.snapshot()
+    assert p.status == "failed" and "lower learning rate" in p.message
+
+
+def test_model_copy_is_independent(slots):
+    runner = make_runner(slots, max_iters=5)
+    copy = runner.model_copy()
+    runner.start()
+    runner.join(20)
+    before = next(copy.parameters()).clone()
+    assert not next(runner.trainer.model.parameters()).equal(before)  # training moved the original
+    assert next(copy.parameters()).equal(before)
+
+
+def test_threads_end_with_their_runs(slots):
+    baseline = threading.active_count()
+    runners = [make_runner(slots, max_iters=100_000, snapshot_every=0, sample_every=0) for _ in range(3)]
+    for r in runners:
+        r.start()
+    assert threading.active_count() == baseline + 3
+    for r in runners:
+        r.stop()
+    for r in runners:
+        r.join(10)
+    assert threading.active_count() == baseline
