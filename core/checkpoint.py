@@ -66,12 +66,11 @@ def weight_tensors(model: GPT, dtype: torch.dtype | None = None) -> dict[str, to
             for name, t in _saved_state(model).items()}
 
 
-def save_checkpoint(path, model: GPT, tokenizer: CharTokenizer, train_config: TrainConfig | None = None,
-                    record: Record | None = None, state: dict[str, torch.Tensor] | None = None,
-                    dtype: torch.dtype | None = None, extra: dict | None = None) -> Path:
-    """Write NAME.safetensors and NAME.json (and NAME.state.safetensors when state is given).
-    dtype (e.g. torch.float16) shrinks the weights file; loading brings them back to float32."""
-    weights_path, json_path, state_path = paths(path)
+def checkpoint_bytes(model: GPT, tokenizer: CharTokenizer, train_config: TrainConfig | None = None,
+                     record: Record | None = None, dtype: torch.dtype | None = None,
+                     extra: dict | None = None) -> tuple[bytes, bytes]:
+    """The two files of a checkpoint as bytes: (NAME.safetensors, NAME.json). dtype (e.g.
+    torch.float16) shrinks the weights file; loading brings them back to float32."""
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -81,11 +80,19 @@ def save_checkpoint(path, model: GPT, tokenizer: CharTokenizer, train_config: Tr
         "record": asdict(record or Record()),
         "extra": extra or {},
     }
+    weights = save(weight_tensors(model, dtype), metadata={"format": FORMAT})
+    return weights, json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
+
+
+def save_checkpoint(path, model: GPT, tokenizer: CharTokenizer, train_config: TrainConfig | None = None,
+                    record: Record | None = None, state: dict[str, torch.Tensor] | None = None,
+                    dtype: torch.dtype | None = None, extra: dict | None = None) -> Path:
+    """Write NAME.safetensors and NAME.json (and NAME.state.safetensors when state is given)."""
+    weights_path, json_path, state_path = paths(path)
     files = {}  # the JSON goes last: it is what makes a checkpoint a checkpoint
     if state is not None:
         files[state_path] = save({k: v.contiguous() for k, v in state.items()})
-    files[weights_path] = save(weight_tensors(model, dtype), metadata={"format": FORMAT})
-    files[json_path] = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
+    files[weights_path], files[json_path] = checkpoint_bytes(model, tokenizer, train_config, record, dtype, extra)
     try:
         weights_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(files)

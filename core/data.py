@@ -113,16 +113,21 @@ def min_text_length(block_size: int) -> int:
     return length
 
 
+def check_length(text: str, block_size: int) -> None:
+    """Raise DataError unless the text is long enough to train on with this block size."""
+    if not text:
+        raise DataError("the text is empty")
+    need = min_text_length(block_size)
+    if len(text) < need:
+        raise DataError(f"the text has {len(text):,} characters; with a block size of {block_size} "
+                        f"it needs at least {need:,} so the validation split holds more than one block")
+
+
 class Corpus:
     """A text, its tokenizer, and the lecture's 90/10 train/val split of the encoded text."""
 
     def __init__(self, text: str, block_size: int, tokenizer: CharTokenizer | None = None):
-        if not text:
-            raise DataError("the text is empty")
-        need = min_text_length(block_size)
-        if len(text) < need:
-            raise DataError(f"the text has {len(text):,} characters; with a block size of {block_size} "
-                            f"it needs at least {need:,} so the validation split holds more than one block")
+        check_length(text, block_size)
         self.text = text
         self.block_size = block_size
         self.tokenizer = tokenizer or CharTokenizer.from_text(text)

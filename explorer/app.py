@@ -19,6 +19,7 @@ VIEWS = Path(__file__).parent / "views"
 # The views, in sidebar order: (file in views/, title, icon). A new view is one more line.
 PAGES = [
     ("attention.py", "Attention", ":material/visibility:"),
+    ("train.py", "Train", ":material/model_training:"),
     ("trick.py", "The trick", ":material/functions:"),
     ("activations.py", "Activations", ":material/bolt:"),
     ("sample.py", "Sample", ":material/edit_note:"),

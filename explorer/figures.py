@@ -195,3 +195,31 @@ def scatter_2d(points: np.ndarray, labels: list[str], title: str = "", *, x_titl
     fig.update_xaxes(title=x_title)
     fig.update_yaxes(title=y_title)
     return _finish(fig, title, 520)
+
+
+def loss_curve(steps: list[dict], evals: list[dict]) -> go.Figure:
+    """Per-step training loss (thin) and the periodic train/val estimates (markers)."""
+    fig = go.Figure()
+    if steps:
+        fig.add_trace(go.Scatter(x=np.array([r["iter"] for r in steps]), mode="lines", name="loss (each step)",
+                                 y=np.array([r["loss"] for r in steps], dtype=np.float32),
+                                 line=dict(width=1, color="#9ecae1")))
+    for split, color in (("train", "#08519c"), ("val", "#e6550d")):
+        if evals:
+            fig.add_trace(go.Scatter(x=np.array([e["iter"] for e in evals]), mode="lines+markers",
+                                     y=np.array([e[f"{split}_loss"] for e in evals], dtype=np.float32),
+                                     name=f"{split} loss (estimate)", line=dict(color=color)))
+    fig.update_xaxes(title="step")
+    fig.update_yaxes(title="cross-entropy loss")
+    return _finish(fig, "Loss", 360)
+
+
+def head_lines(iters: np.ndarray, values: np.ndarray, title: str, y_title: str) -> go.Figure:
+    """One line per head over training: values is (snapshots, layers, heads)."""
+    _, L, H = values.shape
+    fig = go.Figure([go.Scatter(x=iters, y=values[:, layer, head].astype(np.float32), mode="lines",
+                                name=f"L{layer} H{head}")
+                     for layer in range(L) for head in range(H)])
+    fig.update_xaxes(title="step")
+    fig.update_yaxes(title=y_title)
+    return _finish(fig, title, 320)

@@ -1,5 +1,11 @@
-"""Tiny models for fast tests: every preset at a shape that runs in milliseconds."""
+"""Tiny models for fast tests (every preset at a shape that runs in milliseconds), and reading
+the app's Plotly figures back out of AppTest."""
 
+import base64
+import json
+import time
+
+import numpy as np
 import torch
 
 from core import GPT, GPTConfig
@@ -21,11 +27,26 @@ def tiny_model(preset: str = "layernorm", seed: int = 0, **overrides) -> GPT:
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02) -> bool:
     """Poll predicate until it is true or the timeout passes."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def figure(at, i: int = 0) -> dict:
+    """Plotly chart i of the page as a dict, with its base64 typed arrays decoded to numpy."""
+    return _decode(json.loads(at.get("plotly_chart")[i].proto.spec))
+
+
+def _decode(obj):
+    if isinstance(obj, dict) and "bdata" in obj:
+        data = np.frombuffer(base64.b64decode(obj["bdata"]), dtype=np.dtype(obj["dtype"]))
+        shape = [int(n) for n in str(obj.get("shape", len(data))).split(",")]
+        return data.reshape(shape)
+    if isinstance(obj, dict):
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj

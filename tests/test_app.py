@@ -1,8 +1,6 @@
 """The explorer through Streamlit's AppTest: every view renders, the controls change what is
 shown, the figures hold what they claim, and bad input gets a message, never a traceback."""
 
-import base64
-import json
 import math
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from core.lens import ATTENTION_STEPS, attention_step, run_with_cache
 from explorer.app import PAGES
 from explorer.state import PRETRAINED_ENV, guess_stage
 from explorer.ui import DEFAULT_PROMPT
-from helpers import tiny_model
+from helpers import figure, tiny_model
 
 APP = Path(__file__).resolve().parent.parent / "explorer" / "app.py"
 TICK, CROSS = ":green[:material/check_circle:]", ":red[:material/cancel:]"
@@ -51,23 +49,6 @@ def start(view: str | None = None, **state) -> AppTest:
         at.switch_page(f"views/{view}.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
-
-
-def figure(at: AppTest, i: int = 0) -> dict:
-    """Plotly chart i of the page as a dict, with its base64 typed arrays decoded to numpy."""
-    return _decode(json.loads(at.get("plotly_chart")[i].proto.spec))
-
-
-def _decode(obj):
-    if isinstance(obj, dict) and "bdata" in obj:
-        data = np.frombuffer(base64.b64decode(obj["bdata"]), dtype=np.dtype(obj["dtype"]))
-        shape = [int(n) for n in str(obj.get("shape", len(data))).split(",")]
-        return data.reshape(shape)
-    if isinstance(obj, dict):
-        return {k: _decode(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v) for v in obj]
-    return obj
 
 
 def heat(at: AppTest, i: int = 0) -> np.ndarray:

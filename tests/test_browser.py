@@ -27,6 +27,10 @@ IDLE = '[data-testid="stApp"][data-test-connection-state="CONNECTED"][data-test-
 CHARTS_DRAWN = """() => [...document.querySelectorAll('[data-testid="stPlotlyChart"]')]
     .filter(e => e.offsetParent !== null).every(e => e.querySelector('.main-svg'))"""
 
+# The Train view's progress text, "step 1,234 of 1,500 · ...", has reached a step count.
+STEPS_AT_LEAST = """(n) => { const m = document.body.innerText.match(/step ([\\d,]+) of/);
+    return m !== null && parseInt(m[1].replace(/,/g, '')) >= n; }"""
+
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install chromium")
 
 
@@ -89,6 +93,8 @@ def test_every_view_in_a_real_browser(server):
                 page.goto(f"{url}/{name if i else ''}")  # the first page is the app's root
                 page.wait_for_selector("h1")  # content first, then idle: idle alone races the first run
                 _wait_idle(page)
+                if name == "train":
+                    _train_until_the_curve_grows(page)
                 if name == "sample":
                     page.get_by_role("button", name="Generate").click()
                     page.wait_for_selector('[data-testid="stPlotlyChart"]', timeout=60_000)
@@ -103,6 +109,13 @@ def test_every_view_in_a_real_browser(server):
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         for file, _, _ in PAGES:
             shutil.copy(ARTIFACTS / f"{Path(file).stem}.png", SCREENSHOTS)
+
+
+def _train_until_the_curve_grows(page) -> None:
+    """Start the default recipe and wait for 100 steps: the loss chart has drawn and grown."""
+    page.get_by_role("button", name="Start").click()
+    page.wait_for_function(STEPS_AT_LEAST, arg=100, timeout=120_000)
+    page.wait_for_function(CHARTS_DRAWN, timeout=60_000)
 
 
 def _wait_idle(page) -> None:

@@ -1,0 +1,172 @@
+"""What the Train view needs besides widgets: the instructor's caps, the recipes, turning the
+form's settings into a Trainer, the server-wide queue, and one runner per browser session.
+
+Caps are environment variables, read when the server starts (see the README's "Running a
+workshop"):
+    GPT_EXPLORER_MAX_TRAININGS  trainings at once on the server (default: cores - 1, at least 1)
+    GPT_EXPLORER_MAX_PARAMS     largest model a participant may train (default 1,000,000)
+    GPT_EXPLORER_MAX_ITERS      most steps of one training (default 5,000)
+    GPT_EXPLORER_MAX_TEXT_MB    largest uploaded or pasted text (default 5 MB)
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import streamlit as st
+import torch
+
+from core import GPT, CharTokenizer, GPTConfig
+from core.data import Corpus, load_shakespeare
+from core.trainer import TrainConfig, Trainer
+from explorer.runner import TrainingRunner, TrainingSlots
+
+PROBE = "First Citizen:\nBefore we proceed any further, hear me speak."
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_trainings: int
+    max_params: int
+    max_iters: int
+    max_text_bytes: int
+
+
+def _env_int(name: str, default: int, problems: list[str]) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(float(raw))
+        if value < 1:
+            raise ValueError
+        return value
+    except ValueError:
+        problems.append(f"{name}={raw!r} is not a positive number; using {default}.")
+        return default
+
+
+def read_limits() -> tuple[Limits, list[str]]:
+    """The caps in force, and a note for each environment variable that could not be read."""
+    problems: list[str] = []
+    limits = Limits(
+        max_trainings=_env_int("GPT_EXPLORER_MAX_TRAININGS", max(1, (os.cpu_count() or 2) - 1), problems),
+        max_params=_env_int("GPT_EXPLORER_MAX_PARAMS", 1_000_000, problems),
+        max_iters=_env_int("GPT_EXPLORER_MAX_ITERS", 5_000, problems),
+        max_text_bytes=_env_int("GPT_EXPLORER_MAX_TEXT_MB", 5, problems) * 1_000_000,
+    )
+    return limits, problems
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the Train form sets."""
+    preset: str = "layernorm"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 64
+    block_size: int = 64
+    dropout: float = 0.0
+    max_iters: int = 1500
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    eval_interval: int = 100
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig.from_preset(self.preset, vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head,
+                                     n_embd=self.n_embd, block_size=self.block_size, dropout=self.dropout)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(batch_size=self.batch_size, max_iters=self.max_iters, learning_rate=self.learning_rate,
+                           min_lr=self.learning_rate / 10, warmup_iters=min(100, self.max_iters // 10),
+                           eval_interval=self.eval_interval, eval_iters=10)
+
+
+# Named starting points that make sense on a shared CPU; each sets the whole form.
+RECIPES: dict[str, tuple[str, Settings]] = {
+    "1-minute demo": ("A 4-block model with LayerNorm: watch the loss fall and the heads form.", Settings()),
+    "Bigram in seconds": ("The lecture's first model: a lookup table, trained in seconds.",
+                          Settings(preset="bigram", n_layer=1, n_head=1, max_iters=1000, batch_size=32,
+                                   learning_rate=1e-2)),
+    "Lecture stage comparison": (
+        "The shape of the shipped stage checkpoints at a third of their budget: give each group a "
+        "different stage, then compare the val losses.",
+        Settings(preset="one_head", n_layer=1, n_head=1, max_iters=1000, batch_size=32)),
+    "Longer run (about 10 minutes)": ("More steps and a wider model: readable Shakespeare-like text.",
+                                      Settings(n_embd=128, max_iters=4000, batch_size=16, learning_rate=2e-3,
+                                               eval_interval=250)),
+}
+
+
+def count_params(config: GPTConfig) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no time
+        return GPT(config).num_params(non_embedding=False)
+
+
+@st.cache_data(max_entries=64, show_spinner="Timing a few steps on this server…")
+def ms_per_step(settings: Settings, vocab_size: int) -> float:
+    """Median time of a few real training steps of this shape on this server, one thread, as
+    the runner trains (measured rather than guessed from FLOPs: small models run far below peak)."""
+    config, tconf = settings.model_config(vocab_size), settings.train_config()
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tconf.learning_rate, fused=True)
+    x = torch.randint(vocab_size, (tconf.batch_size, config.block_size))
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        _, loss = model(x, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times[1:])[1]  # the first step warms up; median of the rest
+
+
+@st.cache_resource(show_spinner="Reading Tiny Shakespeare…")
+def shakespeare_corpus(block_size: int) -> Corpus:
+    """One encoded copy per block size, shared read-only by every session."""
+    return Corpus(load_shakespeare(), block_size)
+
+
+def make_trainer(settings: Settings, text: str | None) -> Trainer:
+    """A Trainer for the form's settings on a text (None: Tiny Shakespeare). Raises ValueError
+    (DataError, bad settings) with a message for the user."""
+    if text is None:
+        corpus = shakespeare_corpus(settings.block_size)
+    else:
+        corpus = Corpus(text, settings.block_size, CharTokenizer.from_text(text))
+    return Trainer(settings.model_config(corpus.tokenizer.vocab_size), settings.train_config(), corpus)
+
+
+def probe_ids(corpus: Corpus, block_size: int) -> list[int]:
+    """The prompt whose attention is snapshotted while training: a fixed Shakespeare line when
+    the vocabulary has its characters, else the start of the validation text."""
+    length = min(block_size, 64)
+    if not corpus.tokenizer.unknown(PROBE):
+        return corpus.tokenizer.encode(PROBE)[:length]
+    return corpus.splits["val"][:length].tolist()
+
+
+@st.cache_resource
+def training_slots(capacity: int) -> TrainingSlots:
+    """The server-wide queue: one for every session (keyed by its capacity)."""
+    return TrainingSlots(capacity)
+
+
+class RunnerBox:
+    """Holds this browser session's runner, if any; emptied by Reset."""
+
+    def __init__(self):
+        self.runner: TrainingRunner | None = None
+        self.published = 0  # how many finished results were already offered to the other views
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            self.runner.stop()
+
+
+@st.cache_resource(scope="session", max_entries=1, on_release=RunnerBox.stop)
+def session_box() -> RunnerBox:
+    """This browser session's box. When the session ends, Streamlit releases it and the
+    training thread is asked to stop (on the server's event loop: set a flag, never join)."""
+    return RunnerBox()

@@ -1,0 +1,259 @@
+"""Train: a small GPT learns in front of you. Loss, samples and attention heads, live.
+
+The training runs on a background thread owned by this browser session (explorer/runner.py);
+this page only reads its progress, polling once a second while it runs.
+"""
+
+import numpy as np
+import streamlit as st
+import torch
+
+from core import PRESETS
+from core.checkpoint import Checkpoint, checkpoint_bytes
+from core.data import DataError, check_length, text_from_bytes
+from core.lens import head_stats
+from explorer import figures, state, ui
+from explorer.runner import TrainingRunner
+from explorer.training import (RECIPES, Settings, count_params, make_trainer, ms_per_step, probe_ids,
+                               read_limits, session_box, training_slots)
+
+SOURCES = ("Tiny Shakespeare", "Upload a .txt file", "Paste text")
+LEARNING_RATES = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0, 10.0)  # the last ones diverge, on purpose
+K = "train_"  # widget keys of this view
+ERROR = K + "error"
+
+
+def train_view() -> None:
+    st.title("Train")
+    limits, problems = read_limits()
+    for problem in problems:
+        st.warning(f"Server setting ignored: {problem}")
+    box = session_box()
+    if box.runner is None:
+        setup(limits)
+    else:
+        progress(box.runner, training_slots(limits.max_trainings).capacity)
+        results(box)
+
+
+# Before a run: the form ---------------------------------------------------------------------
+
+
+def apply_recipe() -> None:
+    settings = RECIPES[st.session_state[K + "recipe"]][1]
+    for name, value in vars(settings).items():
+        st.session_state[K + name] = value
+
+
+def setup(limits) -> None:
+    if K + "preset" not in st.session_state:
+        st.session_state[K + "recipe"] = next(iter(RECIPES))
+        apply_recipe()
+    st.markdown("Pick a recipe, or set every knob yourself, then **Start**. The model trains on this server "
+                "while you watch; when it stops, every other view can look inside it.")
+    recipe = st.selectbox("Recipe", list(RECIPES), key=K + "recipe", on_change=apply_recipe)
+    st.caption(RECIPES[recipe][0])
+    data_box(limits)
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Model")
+        st.selectbox("Lecture stage", list(PRESETS), key=K + "preset")
+        a, b = st.columns(2)
+        a.number_input("Blocks (n_layer)", 1, 12, key=K + "n_layer")
+        b.number_input("Heads (n_head)", 1, 16, key=K + "n_head")
+        a.number_input("Embedding size (n_embd)", 4, 512, step=4, key=K + "n_embd")
+        b.number_input("Context (block_size)", 2, 256, key=K + "block_size")
+        st.slider("Dropout", 0.0, 0.5, step=0.05, key=K + "dropout")
+    with right:
+        st.subheader("Training")
+        a, b = st.columns(2)
+        a.number_input("Steps", 10, limits.max_iters, step=100, key=K + "max_iters")
+        b.number_input("Batch size", 1, 128, key=K + "batch_size")
+        a.select_slider("Learning rate", LEARNING_RATES, key=K + "learning_rate")
+        b.number_input("Evaluate every", 10, 5000, step=50, key=K + "eval_interval")
+    settings = current_settings()
+    ready = estimate(settings, limits)
+    if st.session_state.get(ERROR):
+        st.error(st.session_state[ERROR])
+    st.button("Start", type="primary", disabled=not ready, on_click=start, args=(limits,), key=K + "start")
+
+
+def data_box(limits) -> None:
+    source = st.radio("Text", SOURCES, horizontal=True, key=K + "source")
+    if source == SOURCES[1]:
+        st.file_uploader(f"A UTF-8 .txt file (at most {limits.max_text_bytes // 1_000_000} MB)", type=["txt"],
+                         key=K + "upload")
+    elif source == SOURCES[2]:
+        st.text_area("Your text", key=K + "paste", height=150,
+                     placeholder="Paste a few thousand characters: poems, code, a novel chapter…")
+
+
+def current_settings() -> Settings:
+    """The form's values (read from session_state, so a callback sees the latest ones)."""
+    return Settings(**{name: st.session_state[K + name] for name in vars(Settings())})
+
+
+def current_text(limits) -> str | None:
+    """The chosen text; None means Tiny Shakespeare. Raises DataError for unusable input."""
+    source = st.session_state.get(K + "source", SOURCES[0])
+    if source == SOURCES[1]:
+        upload = st.session_state.get(K + "upload")
+        if upload is None:
+            raise DataError("choose a .txt file to upload first")
+        return text_from_bytes(upload.getvalue(), limits.max_text_bytes)
+    if source == SOURCES[2]:
+        text = st.session_state.get(K + "paste", "")
+        if len(text.encode("utf-8")) > limits.max_text_bytes:
+            raise DataError(f"the text is over the server's limit of {limits.max_text_bytes:,} bytes")
+        if not text:
+            raise DataError("paste some text first")
+        return text
+    return None
+
+
+def estimate(settings: Settings, limits) -> bool:
+    """Show parameters and time before the start; False (with the reason shown) if it cannot start."""
+    try:
+        text = current_text(limits)
+        if text is not None:
+            check_length(text, settings.block_size)
+        vocab_size = len(set(text)) if text is not None else 65
+        config = settings.model_config(vocab_size)
+        settings.train_config()
+    except ValueError as e:  # DataError and impossible settings alike
+        st.warning(str(e))
+        return False
+    n = count_params(config)
+    if n > limits.max_params:
+        st.error(f"This model has {n:,} parameters; this server allows at most {limits.max_params:,}. "
+                 "Make it smaller (fewer blocks, a smaller embedding).")
+        return False
+    ms = ms_per_step(settings, vocab_size)
+    total = ms * settings.max_iters / 1000
+    st.info(f"{n:,} parameters · about {ms / 10:.1f} s per 100 steps on this server when it is not busy · "
+            f"about {_duration(total)} for {settings.max_iters:,} steps, plus evaluations.")
+    return True
+
+
+def start(limits) -> None:
+    """Start button: build the trainer from the form and hand it to a new runner."""
+    st.session_state[ERROR] = None
+    try:
+        trainer = make_trainer(current_settings(), current_text(limits))
+    except ValueError as e:
+        st.session_state[ERROR] = f"Cannot start: {e}"
+        return
+    box = session_box()
+    probe = probe_ids(trainer.corpus, trainer.config.block_size)
+    box.runner = TrainingRunner(trainer, training_slots(limits.max_trainings), probe_ids=probe,
+                                sample_every=max(100, trainer.train_config.eval_interval))
+    box.published = 0
+    box.runner.start()
+
+
+# During and after a run -----------------------------------------------------------------------
+
+
+def progress(runner: TrainingRunner, capacity: int) -> None:
+    alive = runner.alive
+
+    @st.fragment(run_every=1.0 if alive else None)  # polls only while the thread runs
+    def live() -> None:
+        if alive and not runner.alive:
+            st.rerun(scope="app")  # it just ended: redraw the whole page once, which ends the polling
+        p = runner.snapshot()
+        controls(runner, p.status)
+        status_line(runner, p, capacity)
+        if p.steps or p.evals:
+            ui.chart(figures.loss_curve(p.steps, p.evals), "loss")
+        if p.samples:
+            it, text = p.samples[-1]
+            st.markdown(f"**A sample at step {it}** (200 characters after a newline, seed 0)")
+            st.code(text, language=None)
+        if p.snapshots and p.snapshots[-1][1].size:
+            heads(runner, p.snapshots)
+
+    live()
+
+
+def controls(runner: TrainingRunner, status: str) -> None:
+    a, b, c, _ = st.columns([1, 1, 1, 4])
+    running = status in ("queued", "running")
+    a.button("Stop", disabled=not running, on_click=runner.stop, key=K + "stop")
+    trainer = runner.trainer
+    can_resume = status == "stopped" and trainer.record.iters < trainer.train_config.max_iters
+    b.button("Resume", disabled=not can_resume, on_click=runner.start, key=K + "resume")
+    c.button("Reset", disabled=running, on_click=reset, key=K + "reset",
+             help="Forget this run and set up a new one (a model already offered to the other views stays there).")
+
+
+def reset() -> None:
+    box = session_box()
+    box.stop()
+    box.runner = None
+
+
+def status_line(runner: TrainingRunner, p, capacity: int) -> None:
+    if p.status == "queued":
+        st.info(f"Waiting for a free training slot: you are number {runner.queue_position()} in the queue. "
+                f"This server trains {capacity} model(s) at a time.")
+        return
+    done = p.iters / max(1, p.max_iters)
+    left = (p.max_iters - p.iters) * runner.trainer.config.block_size * runner.trainer.train_config.batch_size
+    eta = f" · about {_duration(left / p.tokens_per_s)} left" if p.tokens_per_s and p.status == "running" else ""
+    st.progress(min(1.0, done), text=f"step {p.iters:,} of {p.max_iters:,} · {p.tokens_per_s:,.0f} tokens/s{eta}")
+    if p.status == "failed":
+        st.error(p.message)
+    elif p.status in ("finished", "stopped"):
+        st.success(f"{p.status.capitalize()}: {p.message}.")
+
+
+def heads(runner: TrainingRunner, snapshots: list[tuple[int, np.ndarray]]) -> None:
+    """The probe prompt's attention at each snapshot, and each head's statistics over training."""
+    st.subheader("How the heads form")
+    iters = [it for it, _ in snapshots]
+    chosen = st.select_slider("Snapshot at step", iters, value=iters[-1], key=K + "snapshot") if len(iters) > 1 else iters[0]
+    pattern = dict(snapshots)[chosen].astype(np.float32)
+    st.caption("Softmax weights of every head (rows: layers) for a fixed prompt. A head that lights up the "
+               "diagonal just below the main one looks at the previous character.")
+    ui.chart(figures.head_grid(pattern), f"heads_step{chosen}")
+    stats = head_stats(torch.from_numpy(np.stack([s for _, s in snapshots]).astype(np.float32)))  # (S, L, H)
+    left, right = st.columns(2)
+    with left:
+        ui.chart(figures.head_lines(np.array(iters), stats["entropy"].numpy(), "Entropy of each head",
+                                    "nats (lower: more focused)"), "head_entropy")
+    with right:
+        ui.chart(figures.head_lines(np.array(iters), stats["prev_char"].numpy(),
+                                    "Weight on the previous character", "weight"), "head_prev_char")
+
+
+def results(box) -> None:
+    """Once stopped or finished: offer the model to the other views and as a download."""
+    runner = box.runner
+    p = runner.snapshot()
+    if runner.alive or p.iters == 0 or runner.trainer.diverged:
+        return
+    trainer = runner.trainer
+    name = f"{state.guess_stage(trainer.config)} · {p.iters} steps"
+    if box.published != p.iters:
+        state.add_trained_model(name, Checkpoint(runner.model_copy(), trainer.corpus.tokenizer, trainer.train_config,
+                                                 trainer.record, name))
+        box.published = p.iters
+        st.rerun()  # the sidebar was drawn before this: draw it again with the new model listed
+    st.subheader("Your model")
+    st.markdown(f"**{name}** is now in the sidebar's model list: open Attention, Activations or Sample to look "
+                "inside it.")
+    weights, meta = checkpoint_bytes(trainer.model, trainer.corpus.tokenizer, trainer.train_config, trainer.record)
+    a, b, _ = st.columns([1, 1, 3])
+    stem = name.replace(" · ", "-").replace(" ", "-")
+    a.download_button("Download weights (.safetensors)", weights, f"{stem}.safetensors", key=K + "dl_weights",
+                      on_click="ignore")
+    b.download_button("Download description (.json)", meta, f"{stem}.json", key=K + "dl_json", on_click="ignore")
+    st.caption("Keep both files together: upload them in the sidebar later to look at this model again.")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+train_view()

@@ -1,0 +1,193 @@
+"""The Train view through AppTest: a live run, Stop and Resume, the queue across sessions, a
+session that ends, and the messages for bad input.
+
+AppTest gives every instance the same session id; to have several browser sessions, the tests
+switch the id that session-scoped caches see before each run (`as_session`).
+"""
+
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.runtime import caching
+from streamlit.runtime.caching import cache_resource_api
+from streamlit.testing.v1 import AppTest
+
+from helpers import figure, wait_for
+
+APP = Path(__file__).resolve().parent.parent / "explorer" / "app.py"
+TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
+TINY = dict(preset="layernorm", n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_interval=20)
+
+
+@pytest.fixture(autouse=True)
+def clean_server(tiny_checkpoint, monkeypatch):
+    """Each test starts with no runners and no queue, and leaves no training thread behind."""
+    monkeypatch.setenv("GPT_EXPLORER_PRETRAINED", str(tiny_checkpoint.parent))
+    before = threading.active_count()
+    st.cache_resource.clear()
+    yield
+    st.cache_resource.clear()  # releases every session's box: their runners are asked to stop
+    assert wait_for(lambda: threading.active_count() <= before, timeout=30)
+
+
+@contextmanager
+def as_session(session_id: str):
+    """Make session-scoped caches (each session's runner box) see this session id."""
+    original = cache_resource_api.get_session_id_or_throw
+    cache_resource_api.get_session_id_or_throw = lambda: session_id
+    try:
+        yield
+    finally:
+        cache_resource_api.get_session_id_or_throw = original
+
+
+def open_train(session: str = "test session id", **settings) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    with as_session(session):
+        at.run()
+        at.switch_page("views/train.py").run()
+        at.radio(key="train_source").set_value("Paste text").run()
+        at.text_area(key="train_paste").set_value(TEXT).run()
+        for name, value in {**TINY, **settings}.items():
+            widget = at.selectbox if name == "preset" else at.number_input
+            if name == "learning_rate":
+                widget = at.select_slider
+            widget(key=f"train_{name}").set_value(value).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def click(at: AppTest, key: str, session: str = "test session id") -> AppTest:
+    with as_session(session):
+        at.button(key=key).click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def rerun_until(at: AppTest, condition, session: str = "test session id", timeout: float = 60) -> bool:
+    """AppTest never fires run_every: rerun (which reruns fragments inline) until condition(at)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with as_session(session):
+            at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        if condition(at):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def step(at: AppTest) -> int:
+    """The step count in the progress text ("step 40 of 60 · ..."), or -1 before there is one."""
+    bars = at.get("progress")
+    if not bars:
+        return -1
+    return int(bars[0].proto.text.split()[1].replace(",", ""))
+
+
+def loss_points(at: AppTest) -> int:
+    """How many steps the loss chart shows."""
+    for i in range(len(at.get("plotly_chart"))):
+        fig = figure(at, i)
+        if fig["layout"].get("title", {}).get("text") == "Loss":
+            return len(fig["data"][0]["x"])
+    return 0
+
+
+def test_a_tiny_run_trains_live_and_joins_the_model_picker():
+    at = open_train(max_iters=400)
+    assert "parameters" in at.info[0].value and "per 100 steps" in at.info[0].value
+    click(at, "train_start")
+    assert rerun_until(at, lambda a: step(a) > 0)
+    first = loss_points(at)
+    assert rerun_until(at, lambda a: loss_points(a) > first)  # the curve gains points while it runs
+    assert rerun_until(at, lambda a: "Finished" in "".join(s.value for s in a.success))
+    assert step(at) == 400
+    picker = at.sidebar.selectbox(key="model")
+    trained = [o for o in picker.options if o.endswith("(trained here)")]
+    assert trained == ["layernorm · 400 steps (trained here)"]
+    assert at.get("download_button")  # the checkpoint can be saved
+    picker.set_value(trained[0]).run()
+    at.switch_page("views/attention.py").run()
+    assert "Not in this model's vocabulary" in at.warning[0].value  # it only knows Hamlet's two lines
+    at.checkbox(key="prompt_drop").check().run()
+    assert not at.exception and not at.error and at.get("plotly_chart")
+
+
+def test_stop_then_resume():
+    at = open_train(max_iters=5000)
+    click(at, "train_start")
+    assert rerun_until(at, lambda a: step(a) >= 20)
+    click(at, "train_stop")
+    assert rerun_until(at, lambda a: "Stopped" in "".join(s.value for s in a.success))
+    stopped = step(at)
+    assert 20 <= stopped < 5000
+    assert not at.button(key="train_resume").disabled
+    click(at, "train_resume")
+    assert rerun_until(at, lambda a: step(a) >= stopped + 20)
+    click(at, "train_stop")
+
+
+def test_two_sessions_train_and_a_third_waits_its_turn(monkeypatch):
+    monkeypatch.setenv("GPT_EXPLORER_MAX_TRAININGS", "2")
+    sessions = {name: open_train(name, max_iters=5000) for name in ("a", "b", "c")}
+    for name, at in sessions.items():
+        click(at, "train_start", name)
+        if name != "c":
+            assert rerun_until(at, lambda a: step(a) > 0, name)
+    a_step, b_step = step(sessions["a"]), step(sessions["b"])
+    assert rerun_until(sessions["a"], lambda a: step(a) > a_step, "a")
+    assert rerun_until(sessions["b"], lambda a: step(a) > b_step, "b")
+    third = sessions["c"]
+    assert rerun_until(third, lambda a: any("number 1 in the queue" in i.value for i in a.info), "c")
+    click(sessions["a"], "train_stop", "a")  # a slot frees up: the third session starts
+    assert rerun_until(third, lambda a: step(a) > 0, "c")
+
+
+def test_a_session_that_ends_stops_its_training():
+    before = threading.active_count()
+    at = open_train(max_iters=5000)
+    click(at, "train_start")
+    assert rerun_until(at, lambda a: step(a) > 0)
+    assert threading.active_count() == before + 1
+    caching.clear_session_resource_cache("test session id")  # what the server does when a tab closes
+    assert wait_for(lambda: threading.active_count() == before, timeout=10)
+
+
+def test_divergence_stops_with_advice():
+    # Without LayerNorm, a huge learning rate blows the residual stream up to inf, then NaN.
+    at = open_train(max_iters=200, preset="residual", n_layer=3, learning_rate=10.0)
+    click(at, "train_start")
+    assert rerun_until(at, lambda a: a.error)
+    assert "lower learning rate" in at.error[0].value
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(n_embd=30, n_head=4), "must be divisible by n_head"),
+    (dict(n_layer=12, n_embd=512, n_head=8), "this server allows at most"),
+])
+def test_impossible_settings_say_why_and_cannot_start(settings, message):
+    at = open_train(**settings)
+    shown = " ".join(m.value for m in [*at.warning, *at.error])
+    assert message in shown
+    assert at.button(key="train_start").disabled
+
+
+def test_text_too_short_for_the_block_says_how_long_it_must_be():
+    at = open_train()
+    at.text_area(key="train_paste").set_value("short text").run()
+    assert "needs at least" in at.warning[0].value
+    assert at.button(key="train_start").disabled
+
+
+def test_a_binary_upload_is_refused():
+    at = open_train()
+    at.radio(key="train_source").set_value("Upload a .txt file").run()
+    at.file_uploader(key="train_upload").upload("data.txt", b"\x00\x01\x02binary", "text/plain").run()
+    assert not at.exception
+    assert "binary" in at.warning[0].value
+    assert at.button(key="train_start").disabled
