@@ -2,24 +2,30 @@
 
     python -m core.train --preset layernorm --max-iters 2000 --out runs/layernorm
     python -m core.train --out runs/layernorm --resume --max-iters 4000
+    torchrun --standalone --nproc_per_node=2 -m core.train --preset layernorm --out runs/ddp
 
 The engine is core.trainer.Trainer; this file only adds arguments, progress bars and saving.
 A checkpoint is written at every evaluation, so an interrupted run loses little.
+Under torchrun every process trains (see core.distributed); only rank 0 evaluates, prints
+and saves.
 """
 
 import argparse
 import os
+import platform
+import shlex
 import sys
 import time
 
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, resume_trainer, save_trainer
 from .data import Corpus, DataError, load_shakespeare, text_from_bytes
 from .model import PRESETS, GPTConfig
 from .tokenizer import CharTokenizer, UnknownCharactersError
-from .trainer import TrainConfig, Trainer
+from .trainer import PRECISIONS, TrainConfig, Trainer
 
 SAVE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -39,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training (with --resume, an option left out keeps the checkpoint's value)")
     defaults = TrainConfig()
     t.add_argument("--max-iters", type=int, default=None, help=f"optimizer steps in all (default: {defaults.max_iters})")
-    t.add_argument("--batch-size", type=int, default=None, help=f"sequences per step (default: {defaults.batch_size})")
+    t.add_argument("--batch-size", type=int, default=None,
+                   help=f"sequences per micro-step in each process (default: {defaults.batch_size})")
+    t.add_argument("--grad-accum-steps", type=int, default=None,
+                   help=f"micro-steps per optimizer step (default: {defaults.grad_accum_steps})")
     t.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {defaults.learning_rate})")
     t.add_argument("--min-lr", type=float, default=None, help=f"learning rate at the end of the cosine decay (default: {defaults.min_lr})")
     t.add_argument("--warmup-iters", type=int, default=None, help=f"linear warmup steps (default: {defaults.warmup_iters})")
@@ -48,8 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-interval", type=int, default=None, help=f"steps between loss estimates and saves (default: {defaults.eval_interval})")
     t.add_argument("--eval-iters", type=int, default=None, help=f"batches per loss estimate (default: {defaults.eval_iters})")
     t.add_argument("--seed", type=int, default=None, help=f"seed for weights, batches and dropout (default: {defaults.seed})")
-    t.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores, %(default)s)")
+    # torchrun's processes on one machine share its cores.
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    t.add_argument("--threads", type=int, default=threads,
+                   help="torch CPU threads (default: the cores, shared among torchrun's processes: %(default)s)")
     t.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="where to train (default: %(default)s)")
+    t.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="bfloat16: matmuls in bfloat16, weights in float32; auto: bfloat16 on a GPU or a CPU "
+                        f"with bfloat16 instructions (default: {defaults.precision})")
     io = p.add_argument_group("data and output")
     io.add_argument("--data", help="a UTF-8 text file (default: Tiny Shakespeare, from $GPT_EXPLORER_DATA, data/ or downloaded)")
     io.add_argument("--out", default=None, help="checkpoint name, written as OUT.safetensors + OUT.json (default: runs/PRESET)")
@@ -69,9 +84,10 @@ def model_config(args, vocab_size: int) -> GPTConfig:
 
 
 # Training options and the TrainConfig fields they set (threads and device belong to the machine).
-TRAIN_OPTIONS = {"batch_size": "batch_size", "max_iters": "max_iters", "lr": "learning_rate", "min_lr": "min_lr",
-                 "warmup_iters": "warmup_iters", "weight_decay": "weight_decay", "grad_clip": "grad_clip",
-                 "eval_interval": "eval_interval", "eval_iters": "eval_iters", "seed": "seed"}
+TRAIN_OPTIONS = {"batch_size": "batch_size", "grad_accum_steps": "grad_accum_steps", "max_iters": "max_iters",
+                 "lr": "learning_rate", "min_lr": "min_lr", "warmup_iters": "warmup_iters",
+                 "weight_decay": "weight_decay", "grad_clip": "grad_clip", "eval_interval": "eval_interval",
+                 "eval_iters": "eval_iters", "seed": "seed", "precision": "precision"}
 
 
 def train_config(args, base: TrainConfig) -> TrainConfig:
@@ -106,7 +122,26 @@ def make_trainer(args) -> Trainer:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command = shlex.join(["python", "-m", "core.train", *argv])
+    with distributed.process_group(args.device):  # does nothing unless torchrun started us
+        return run(args)
+
+
+def machine(device: torch.device) -> str:
+    """The hardware a run trained on, in words, for the checkpoint's record."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def run(args) -> int:
     args.out = args.out or os.path.join("runs", args.preset)
     try:
         trainer = make_trainer(args)
@@ -114,10 +149,21 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg, tcfg = trainer.config, trainer.train_config
-    print(f"model: {trainer.model.num_params():,} parameters ({args.preset}: {cfg.n_layer} layers, "
-          f"{cfg.n_head} heads, {cfg.n_embd} dims, block {cfg.block_size}) on {trainer.device}", file=sys.stderr)
-    save = dict(with_state=not args.no_state, dtype=SAVE_DTYPES[args.save_dtype])
-    bar = tqdm(total=tcfg.max_iters, initial=trainer.record.iters, desc="training", unit="it", file=sys.stderr)
+    main_process = trainer.rank == 0  # under torchrun the others train in silence
+    processes = f" x {trainer.world_size} processes" if trainer.world_size > 1 else ""
+    if main_process:
+        print(f"model: {trainer.model.num_params():,} parameters ({args.preset}: {cfg.n_layer} layers, "
+              f"{cfg.n_head} heads, {cfg.n_embd} dims, block {cfg.block_size}) on {trainer.device}{processes}",
+              file=sys.stderr)
+    t0 = time.perf_counter()
+
+    def save():
+        # The JSON keeps how the checkpoint was made: pretrained/README.md is built from it.
+        extra = dict(preset=args.preset, command=args.command, machine=machine(trainer.device),
+                     wall_seconds=round(time.perf_counter() - t0, 1))
+        save_trainer(args.out, trainer, with_state=not args.no_state, dtype=SAVE_DTYPES[args.save_dtype], extra=extra)
+    bar = tqdm(total=tcfg.max_iters, initial=trainer.record.iters, desc="training", unit="it", file=sys.stderr,
+               disable=not main_process)
 
     def on_step(rows):
         bar.update(len(rows))
@@ -130,16 +176,15 @@ def main(argv=None) -> int:
         nonlocal best
         bar.write(f"step {trainer.record.iters}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if trainer.record.iters > 0 and not (args.keep_best and losses["val"] >= best):
-            save_trainer(args.out, trainer, **save)
+            save()
         best = min(best, losses["val"])
 
-    t0 = time.perf_counter()
     try:
         trainer.train(on_step=on_step, on_eval=on_eval)
     except KeyboardInterrupt:
         trainer.stop_reason = "interrupted"
-        if not args.keep_best:
-            save_trainer(args.out, trainer, **save)
+        if main_process and not args.keep_best:
+            save()
     except CheckpointError as e:  # --out cannot be written: found at the first save
         bar.close()
         print(f"error: {e}", file=sys.stderr)
@@ -147,6 +192,8 @@ def main(argv=None) -> int:
     finally:
         bar.close()
     wall = time.perf_counter() - t0
+    if not main_process:
+        return 1 if trainer.diverged else 0
     rec = trainer.record
     losses = f"val loss {rec.val_loss:.4f}, train loss {rec.train_loss:.4f}" if rec.val_loss is not None else "no loss estimate"
     print(f"{trainer.stop_reason}. {losses}, {wall:.1f} s, {rec.tokens / max(rec.seconds, 1e-9):,.0f} "

@@ -25,6 +25,7 @@ PAGES = [
     ("sample.py", "Sample", ":material/edit_note:"),
     ("data.py", "Data", ":material/table_rows:"),
     ("export.py", "Export", ":material/download:"),
+    ("lecture.py", "Lecture", ":material/school:"),
 ]
 
 

@@ -1,0 +1,57 @@
+"""The shipped checkpoints: each loads, is small, is in the README, and is as good as its record says."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.checkpoint import load_checkpoint, paths
+from core.data import Corpus
+
+PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
+SHIPPED = sorted(PRETRAINED.glob("*.json"))
+EVAL_TOKENS = 16_384  # per model: enough that the estimate's own noise stays well under 0.03
+
+
+@pytest.fixture(scope="module", params=SHIPPED, ids=[p.stem for p in SHIPPED])
+def shipped(request):
+    return load_checkpoint(request.param)
+
+
+def test_there_are_checkpoints_to_look_at():
+    assert SHIPPED, "pretrained/ holds no checkpoint"
+
+
+def test_each_file_is_small_and_the_folder_well_under_60_mb():
+    sizes = {p.name: p.stat().st_size for p in PRETRAINED.iterdir() if p.is_file()}
+    assert all(size < 25e6 for size in sizes.values()), sizes
+    assert sum(sizes.values()) < 60e6
+
+
+def test_the_readme_lists_each_one_with_its_command(shipped):
+    readme = (PRETRAINED / "README.md").read_text(encoding="utf-8")
+    assert f"| {shipped.name} |" in readme
+    assert shipped.extra["command"] and shipped.extra["command"] in readme
+
+
+def test_val_loss_agrees_with_the_record(shipped, shakespeare):
+    """Recomputed on a fixed sample of the val split, within 0.03 of what training recorded."""
+    model = shipped.model
+    corpus = Corpus(shakespeare, model.config.block_size, shipped.tokenizer)
+    n = EVAL_TOKENS // model.config.block_size
+    x, y = corpus.get_batch("val", n, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        losses = [model(xb, yb)[1] for xb, yb in zip(x.split(16), y.split(16))]
+    val = torch.stack(losses).mean().item()
+    assert abs(val - shipped.record.val_loss) <= 0.03, (val, shipped.record.val_loss)
+
+
+def test_seeded_sampling_is_reproducible(shipped):
+    start = torch.tensor([shipped.tokenizer.encode("ROMEO:")])
+    draw = lambda seed: shipped.model.generate(start, 60, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(draw(0), draw(0))
+    assert not torch.equal(draw(0), draw(1))
+
+
+def test_shipped_without_optimizer_state():
+    assert not any(paths(p)[2].exists() for p in SHIPPED)  # a .state file would double the download
