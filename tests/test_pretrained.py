@@ -10,7 +10,7 @@ from core.data import Corpus
 
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
 SHIPPED = sorted(PRETRAINED.glob("*.json"))
-EVAL_TOKENS = 16_384  # per model: enough that the estimate's own noise stays well under 0.03
+EVAL_TOKENS = 32_768  # per model, in windows spread evenly over the val split: noise well under 0.03
 
 
 @pytest.fixture(scope="module", params=SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -36,14 +36,16 @@ def test_the_readme_lists_each_one_with_its_command(shipped):
 
 def test_val_loss_agrees_with_the_record(shipped, shakespeare):
     """Recomputed on a fixed sample of the val split, within 0.03 of what training recorded."""
-    model = shipped.model
-    corpus = Corpus(shakespeare, model.config.block_size, shipped.tokenizer)
-    n = EVAL_TOKENS // model.config.block_size
-    x, y = corpus.get_batch("val", n, generator=torch.Generator().manual_seed(0))
+    model, T = shipped.model, shipped.model.config.block_size
+    val = Corpus(shakespeare, T, shipped.tokenizer).splits["val"]
+    # Evenly spaced windows: the val split's start alone is easier than its whole (by 0.09 for full-gpu).
+    starts = torch.linspace(0, len(val) - T - 1, EVAL_TOKENS // T).long()
+    windows = val[starts[:, None] + torch.arange(T + 1)]
+    x, y = windows[:, :-1], windows[:, 1:]
     with torch.no_grad():
         losses = [model(xb, yb)[1] for xb, yb in zip(x.split(16), y.split(16))]
-    val = torch.stack(losses).mean().item()
-    assert abs(val - shipped.record.val_loss) <= 0.03, (val, shipped.record.val_loss)
+    loss = torch.stack(losses).mean().item()
+    assert abs(loss - shipped.record.val_loss) <= 0.03, (loss, shipped.record.val_loss)
 
 
 def test_seeded_sampling_is_reproducible(shipped):
