@@ -28,6 +28,7 @@ from .trainer import Record, TrainConfig, Trainer
 
 FORMAT = "gpt-explorer-checkpoint"
 FORMAT_VERSION = 1
+MAX_MASK_BYTES = 10**9  # the causal masks (block_size² bytes a layer) a loaded model may build
 
 
 class CheckpointError(Exception):
@@ -166,12 +167,13 @@ def checkpoint_from(meta_bytes: bytes, tensors: dict[str, torch.Tensor], name: s
         config = GPTConfig.from_dict(meta["model_config"])
         tokenizer = CharTokenizer(meta["vocab"])
         train_config = TrainConfig.from_dict(meta["train_config"]) if meta.get("train_config") else None
-        record = Record(**meta.get("record") or {})
+        record = _record(meta.get("record") or {})
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise CheckpointError(f"the JSON file describes an impossible model: {e}") from e
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"the vocabulary has {tokenizer.vocab_size} characters but the model "
                               f"config says vocab_size={config.vocab_size}")
+    check_size(config, len(tensors))
     with torch.device("meta"):
         expected = _saved_state(GPT(config))  # names and shapes only, no memory
     _check_tensors(tensors, expected)
@@ -182,10 +184,34 @@ def checkpoint_from(meta_bytes: bytes, tensors: dict[str, torch.Tensor], name: s
     return Checkpoint(model, tokenizer, train_config, record, name, meta.get("extra") or {})
 
 
+def check_size(config: GPTConfig, n_tensors: int) -> None:
+    """Refuse a config that would cost far more than the weights behind it, before building it:
+    GPT makes one module and one block_size x block_size causal mask a layer whatever a file
+    holds, so a small file claiming 20,000 layers took 71 s to refuse, and a million-character
+    context would ask for a terabyte."""
+    if config.attention and config.n_layer > n_tensors:  # every layer has weights of its own
+        raise CheckpointError(f"the weights do not match the model config: it has {config.n_layer:,} layers, "
+                              f"the weights {n_tensors} tensors in all")
+    mask_bytes = config.n_layer * config.block_size**2 if config.attention else 0
+    if mask_bytes > MAX_MASK_BYTES:
+        raise CheckpointError(f"block_size {config.block_size:,} needs {mask_bytes / 1e9:,.1f} GB of causal masks "
+                              f"({config.n_layer} layer(s) of block_size² bytes); the limit is {MAX_MASK_BYTES / 1e9:.1f} GB")
+
+
+def _record(d: dict) -> Record:
+    """The training record, each figure a non-negative number (the model card formats them)."""
+    record = Record(**d)
+    for name, value in asdict(record).items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        if not (number or (value is None and name.endswith("_loss"))):
+            raise ValueError(f"record.{name} must be a non-negative number, got {value!r}")
+    return record
+
+
 def _parse_meta(meta_bytes: bytes) -> dict:
     try:
         meta = json.loads(meta_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise CheckpointError(f"the JSON file is not valid JSON: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError("the JSON file is not a GPT Explorer checkpoint description")
@@ -197,6 +223,12 @@ def _parse_meta(meta_bytes: bytes) -> dict:
     vocab = meta.get("vocab")
     if not isinstance(vocab, list) or not all(isinstance(ch, str) and len(ch) == 1 for ch in vocab):
         raise CheckpointError("the JSON file's vocab is not a list of single characters")
+    try:
+        "".join(vocab).encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON can spell a lone surrogate ("\ud800"); no page can show one
+        raise CheckpointError(f"the JSON file's vocab holds {e.object[e.start]!r}, which is not a character") from e
+    if not isinstance(meta.get("extra") or {}, dict):
+        raise CheckpointError("the JSON file's extra notes are not a mapping of names to values")
     return meta
 
 

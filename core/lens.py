@@ -26,6 +26,16 @@ def run_with_cache(model: GPT, idx: torch.Tensor) -> tuple[torch.Tensor, Cache]:
     return logits, cache
 
 
+def cache_nbytes(cache: Cache) -> int:
+    """The memory a cache holds, each storage counted once: q, k and v are views of one qkv
+    output, and a block's hook_resid_post is the next block's hook_resid_pre."""
+    storages = {}
+    for t in cache.values():
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def attention_step(cache: Cache, layer: int, step: str) -> torch.Tensor:
     """One step of the attention computation of a layer, (B, H, T, T).
 

@@ -154,7 +154,7 @@ class CausalSelfAttention(nn.Module):
             kv.k, kv.v = k, v
         T = q.shape[2]
         mask = self.tril[past:past + T, :past + T] if past else None  # new queries see all of the past
-        return F.scaled_dot_product_attention(
+        return _attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=not past,
         )  # (B, nh, T, hs)
 
@@ -365,6 +365,15 @@ class KVCache:
     def length(self) -> int:
         k = self.layers[0].k
         return 0 if k is None else k.shape[2]
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention, kept in float32 on a CPU under autocast: there the
+    bfloat16 kernel trains 4.6x slower than the float32 one (benchmarks/README.md)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def _record(cache: Cache | None, name: str, tensor: torch.Tensor) -> None:

@@ -124,7 +124,11 @@ def make_trainer(args) -> Trainer:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    args.command = shlex.join(["python", "-m", "core.train", *argv])
+    launcher = ["python"]
+    if "LOCAL_WORLD_SIZE" in os.environ:  # started by torchrun
+        launcher = ["torchrun", f"--nnodes={os.environ.get('GROUP_WORLD_SIZE', 1)}",
+                    f"--nproc-per-node={os.environ['LOCAL_WORLD_SIZE']}"]
+    args.command = shlex.join([*launcher, "-m", "core.train", *argv])
     with distributed.process_group(args.device):  # does nothing unless torchrun started us
         return run(args)
 

@@ -3,8 +3,13 @@
 A `Trainer` owns a model, its optimizer and the random state of its batches. A caller drives
 it in pieces (`run(n)`), reads metrics, and may ask it to stop between steps. It never
 prints and knows nothing of any user interface.
+
+Under torchrun (see core.distributed) the same Trainer runs in every process: each process
+draws its own batches (seeded with seed + rank), DistributedDataParallel averages the
+gradients, and only rank 0 estimates the loss.
 """
 
+import contextlib
 import math
 import threading
 import time
@@ -12,14 +17,20 @@ from dataclasses import asdict, dataclass, field, fields
 
 import pandas as pd
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from .data import Corpus
+from .distributed import in_process_group, mean_over_ranks, rank_and_world_size
 from .model import GPT, GPTConfig
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32
+    batch_size: int = 32  # sequences per micro-step, in each process
+    grad_accum_steps: int = 1  # micro-steps whose gradients add up to one optimizer step
     max_iters: int = 2000
     learning_rate: float = 1e-3
     min_lr: float = 1e-4  # the cosine schedule ends here
@@ -33,9 +44,12 @@ class TrainConfig:
     seed: int = 1337
     threads: int | None = None  # torch intra-op threads; None leaves the process setting alone
     device: str = "cpu"  # "cpu", "cuda" or "auto"
+    # "bfloat16": matmuls in bfloat16 under torch.autocast (weights and optimizer state stay
+    # float32); "auto": bfloat16 where the hardware has bfloat16 matmuls, else "float32".
+    precision: str = "auto"
 
     def __post_init__(self):
-        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
+        for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -49,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"threads must be at least 1, got {self.threads!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,13 +106,17 @@ class Trainer:
         if train_config.threads:
             torch.set_num_threads(train_config.threads)
         self.device = _pick_device(train_config.device)
+        self.rank, self.world_size = rank_and_world_size()
         if model is None:
             with torch.random.fork_rng():
                 torch.manual_seed(train_config.seed)
                 model = GPT(model_config)
-        self.model = model.to(self.device)
+        self.model = model.to(self.device)  # the plain GPT: evaluate, sample and save this one
+        # In a process group, training steps go through DDP, which averages gradients in backward.
+        # The model's only buffers are its constant causal masks: no need to broadcast them.
+        self.ddp = DistributedDataParallel(self.model, broadcast_buffers=False) if in_process_group() else None
         self.optimizer = _make_optimizer(self.model, train_config, self.device)
-        self.batch_rng = torch.Generator().manual_seed(train_config.seed)
+        self.batch_rng = torch.Generator().manual_seed(train_config.seed + self.rank)
         self.record = Record()
         self.history: list[dict] = []  # one row per step, plus eval rows
         self.stop_reason: str | None = None
@@ -134,12 +154,12 @@ class Trainer:
                     self._stop.clear()
                     self.stop_reason = "stopped on request"
                     break
-                torch.manual_seed(_step_seed(cfg.seed, self.record.iters))
+                torch.manual_seed(_step_seed(cfg.seed + self.rank, self.record.iters))
                 lrs.append(cfg.lr_at(self.record.iters))
                 losses.append(self._step(lrs[-1]))
                 times.append(time.perf_counter())
                 self.record.iters += 1
-                self.record.tokens += cfg.batch_size * self.config.block_size
+                self.record.tokens += self.tokens_per_step
         rows = self._rows(start_iter, losses, lrs, t0, times)
         self.record.seconds += (times[-1] - t0) if times else 0.0
         self.history.extend(rows)
@@ -152,24 +172,46 @@ class Trainer:
             self.stop_reason = f"reached max_iters ({cfg.max_iters})"
         return rows
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step, over every micro-step and every process."""
+        cfg = self.train_config
+        return cfg.batch_size * cfg.grad_accum_steps * self.world_size * self.config.block_size
+
     def _step(self, lr: float) -> torch.Tensor:
-        """One optimizer step on one training batch; returns the loss (still on the device)."""
+        """One optimizer step on grad_accum_steps training batches; returns their mean loss
+        (still on the device)."""
         cfg = self.train_config
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = self.corpus.get_batch("train", cfg.batch_size, self.config.block_size, self.batch_rng)
-        with self._autocast():
-            _, loss = self.model(x.to(self.device), y.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        model = self.ddp if self.ddp is not None else self.model
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum_steps):
+            x, y = self.corpus.get_batch("train", cfg.batch_size, self.config.block_size, self.batch_rng)
+            with self._grad_sync(micro == cfg.grad_accum_steps - 1):
+                with self._autocast():  # the forward only, as torch.autocast asks
+                    _, loss = model(x.to(self.device), y.to(self.device))
+                # Each micro-batch's mean loss, scaled so the summed gradients are those of the mean.
+                (loss / cfg.grad_accum_steps).backward()
+            total += loss.detach()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
-        return loss.detach()
+        return total / cfg.grad_accum_steps
+
+    def _grad_sync(self, last_micro_step: bool):
+        """DDP averages gradients across processes in every backward; before the last
+        micro-step that exchange is wasted, so no_sync() skips it."""
+        if self.ddp is None or last_micro_step:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
 
     def _rows(self, start_iter, losses, lrs, t0, times) -> list[dict]:
-        values = torch.stack(losses).float().cpu().tolist() if losses else []
-        tokens_per_step = self.train_config.batch_size * self.config.block_size
+        # One collective per call: every rank logs the loss of all ranks' batches, and so
+        # agrees on divergence and stops at the same step.
+        values = mean_over_ranks(torch.stack(losses)).float().cpu().tolist() if losses else []
+        tokens_per_step = self.tokens_per_step
         rows, prev = [], t0
         for i, (loss, lr, t) in enumerate(zip(values, lrs, times)):
             dt = t - prev
@@ -218,7 +260,9 @@ class Trainer:
         return self.record
 
     def _eval(self, on_eval):
-        if self.diverged:
+        # Only rank 0 evaluates. estimate_loss holds no collective, so the other ranks go on
+        # and wait for rank 0 inside their next step's gradient exchange.
+        if self.diverged or self.rank != 0:
             return
         losses = self.estimate_loss()
         if on_eval:
@@ -229,9 +273,14 @@ class Trainer:
         cols = ["iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "train_loss", "val_loss"]
         return pd.DataFrame(self.history, columns=cols)
 
+    @property
+    def bf16(self) -> bool:
+        """Whether training runs its matmuls in bfloat16 (see TrainConfig.precision)."""
+        precision = self.train_config.precision
+        return precision == "bfloat16" or (precision == "auto" and _fast_bf16(self.device))
+
     def _autocast(self):
-        # On a GPU, matmuls in bfloat16 (weights and optimizer stay float32); on a CPU, float32.
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     # State for checkpoints -----------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -245,7 +294,10 @@ class Trainer:
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.batch_rng.set_state(tensors["rng.batch"])
+        if self.world_size == 1:
+            self.batch_rng.set_state(tensors["rng.batch"])
+        else:  # only rank 0's sampler was saved: each rank starts a stream of its own instead
+            self.batch_rng.manual_seed(_step_seed(self.train_config.seed + self.rank, self.record.iters))
         params = dict(self.model.named_parameters())
         for name, value in tensors.items():
             if name.startswith("optim."):
@@ -257,6 +309,15 @@ def _step_seed(seed: int, it: int) -> int:
     """Dropout's seed at step `it`: the masks depend on the run's seed and the step alone, so two
     runs with one seed, or a run and its resumed copy, draw the same masks."""
     return (seed * 1_000_003 + it) % 2**63
+
+
+def _fast_bf16(device: torch.device) -> bool:
+    """A GPU, or a CPU with bfloat16 matmul instructions (AVX-512 BF16 or AMX). Elsewhere a CPU
+    emulates bfloat16, slower than float32."""
+    if device.type == "cuda":
+        return True
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def _pick_device(name: str) -> torch.device:

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from explorer import state  # noqa: E402  (imports core, so after the path is set)
 
 VIEWS = Path(__file__).parent / "views"
+GIL_SWITCH_S = 0.0005  # how long a thread may keep the GIL while another waits for it
 # The views, in sidebar order: (file in views/, title, icon). A new view is one more line.
 PAGES = [
     ("attention.py", "Attention", ":material/visibility:"),
@@ -40,6 +41,14 @@ def one_torch_thread() -> None:
             pass
 
 
+def short_gil_turns() -> None:
+    """Sessions, trainings and the server share one interpreter, and a torch op gives up the GIL
+    and must win it back after every op. With Python's default 5 ms switch interval, threads
+    drawing figures kept it so long that sampling one character took 3.8 s beside three of them
+    (28 ms at 0.5 ms, while they drew as many figures): see benchmarks/README.md, Workshop load."""
+    sys.setswitchinterval(GIL_SWITCH_S)
+
+
 def main() -> None:
     """Built in a function so that a test can drive it (as Streamlit's own hello app does)."""
     st.set_page_config(page_title="GPT Explorer", page_icon=":material/visibility:", layout="wide")
@@ -51,4 +60,5 @@ def main() -> None:
 
 if __name__ == "__main__":  # as `streamlit run` runs it; a test may import PAGES without side effects
     one_torch_thread()
+    short_gil_turns()
     main()

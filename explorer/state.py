@@ -3,18 +3,23 @@
 Where models come from, in the order the picker lists them:
 - pretrained: NAME.json + NAME.safetensors in $GPT_EXPLORER_PRETRAINED (default: pretrained/),
   loaded once per file version and shared by every session, so never changed in place;
-- uploaded: a .safetensors + .json pair uploaded in this browser session;
+- uploaded: a .safetensors + .json pair uploaded in this browser session, or nanoGPT's
+  ckpt.pt (with its meta.pkl or training text), converted in memory (core.convert);
 - trained here: `trained_models()`, which the Train view fills.
 """
 
+import io
 import os
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Callable
 
 import streamlit as st
 
 from core import PRESETS, GPTConfig
 from core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_checkpoint_bytes
+from core.convert import load_nanogpt, vocab_from_meta, vocab_from_text
+from core.data import DataError, text_from_bytes
+from explorer.ui import escape_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAINED_ENV = "GPT_EXPLORER_PRETRAINED"
@@ -69,13 +74,42 @@ def uploaded_models() -> dict[str, Checkpoint]:
 
 
 def load_upload(files: list) -> Checkpoint:
-    """A checkpoint from uploaded files: exactly one .safetensors and one .json."""
+    """A checkpoint from uploaded files: exactly one .safetensors and one .json, or nanoGPT's
+    files (see load_nanogpt_upload)."""
+    if any(f.name.endswith(".pt") for f in files):
+        return load_nanogpt_upload(files)
     weights = [f for f in files if f.name.endswith(".safetensors")]
     metas = [f for f in files if f.name.endswith(".json")]
     if len(weights) != 1 or len(metas) != 1:
         raise CheckpointError("upload one .safetensors file and one .json file together "
                               f"(got: {', '.join(f.name for f in files)})")
-    return load_checkpoint_bytes(weights[0].getvalue(), metas[0].getvalue(), name=Path(metas[0].name).stem)
+    return load_checkpoint_bytes(weights[0].getvalue(), metas[0].getvalue(), name=upload_name(metas[0].name))
+
+
+def upload_name(file_name: str) -> str:
+    """A model's name from an uploaded file's: a browser sends a bare name, a hand-made request
+    may send a path ("../../x.json", "..\\x.json") or control characters. Only the stem of the
+    last part is kept, printable, at most 60 characters (uploads are never written to disk)."""
+    stem = PureWindowsPath(file_name).stem  # a Windows path splits on both separators
+    return "".join(ch for ch in stem if ch.isprintable())[:60] or "uploaded"
+
+
+def load_nanogpt_upload(files: list) -> Checkpoint:
+    """nanoGPT's ckpt.pt, with its dataset's meta.pkl or its training text (.txt) for the
+    vocabulary (neither is needed for nanoGPT's shakespeare_char), converted in memory."""
+    ckpts, metas, texts = ([f for f in files if f.name.endswith(ext)] for ext in (".pt", ".pkl", ".txt"))
+    if len(ckpts) != 1 or len(metas) + len(texts) > 1 or len(ckpts) + len(metas) + len(texts) != len(files):
+        raise CheckpointError("upload nanoGPT's ckpt.pt alone, or with its meta.pkl or its training text (.txt) "
+                              f"(got: {', '.join(f.name for f in files)})")
+    vocab = None
+    if metas:
+        vocab = vocab_from_meta(metas[0].getvalue())
+    elif texts:
+        try:
+            vocab = vocab_from_text(text_from_bytes(texts[0].getvalue()))
+        except DataError as e:
+            raise CheckpointError(f"{texts[0].name}: {e}") from e
+    return load_nanogpt(io.BytesIO(ckpts[0].getvalue()), vocab, name=f"nanogpt-{upload_name(ckpts[0].name)}")
 
 
 def model_choices() -> dict[str, Callable[[], Checkpoint]]:
@@ -106,7 +140,7 @@ def model_sidebar() -> None:
     try:
         ckpt = choices[label]()
     except (CheckpointError, OSError) as e:
-        picker.error(f"Could not load {label}: {e}")
+        picker.error(f"Could not load {escape_markdown(label)}: {escape_markdown(str(e))}")
         return
     st.session_state[CHECKPOINT] = ckpt
     with picker.expander("Model card", expanded=False):
@@ -114,7 +148,8 @@ def model_sidebar() -> None:
 
 
 def _upload_box() -> None:
-    files = st.file_uploader("NAME.safetensors and NAME.json", type=["safetensors", "json"],
+    files = st.file_uploader("NAME.safetensors and NAME.json, or nanoGPT's ckpt.pt (+ meta.pkl or the training .txt)",
+                             type=["safetensors", "json", "pt", "pkl", "txt"],
                              accept_multiple_files=True, key=UPLOADER)
     if not files:
         return
@@ -124,12 +159,12 @@ def _upload_box() -> None:
     try:
         ckpt = load_upload(files)
     except CheckpointError as e:
-        st.error(f"Not a valid checkpoint: {e}")
+        st.error(f"Not a valid checkpoint: {escape_markdown(str(e))}")
         return
     uploaded_models()[ckpt.name] = ckpt
     st.session_state[LAST_UPLOAD] = ids
     st.session_state[MODEL] = f"{ckpt.name} (uploaded)"  # show what was just uploaded
-    st.success(f"Loaded {ckpt.name}.")
+    st.success(f"Loaded {escape_markdown(ckpt.name)}.")
 
 
 def checkpoint() -> Checkpoint | None:
@@ -170,9 +205,11 @@ def model_card(ckpt: Checkpoint) -> None:
                 f"vocabulary {c.vocab_size}, context {c.block_size}, {c.n_layer} layer(s) × {c.n_head} head(s), "
                 f"{c.n_embd} dims ({c.head_size} a head), dropout {c.dropout}, {c.activation}")
     if rec.iters:
-        losses = f", train loss {rec.train_loss:.3f}, val loss {rec.val_loss:.3f}" if rec.val_loss is not None else ""
-        st.markdown(f"Trained {rec.iters:,} steps on {rec.tokens:,} tokens in {rec.seconds:.0f} s{losses}.")
+        losses = "".join(f", {split} loss {loss:.3f}" for split, loss in (("train", rec.train_loss), ("val", rec.val_loss))
+                         if loss is not None)
+        took = f" in {rec.seconds:.0f} s" if rec.seconds else ""  # a converted nanoGPT model has no time
+        st.markdown(f"Trained {rec.iters:,} steps on {rec.tokens:,} tokens{took}{losses}.")
     else:
         st.markdown("Untrained: its weights are still random.")
     for key, value in ckpt.extra.items():
-        st.markdown(f"{key}: {value}")
+        st.markdown(f"{escape_markdown(str(key))}: {escape_markdown(str(value))}")  # notes from the file

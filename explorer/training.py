@@ -32,17 +32,20 @@ class Limits:
     max_text_bytes: int
 
 
+MAX_CAP = 10**9  # a browser's number widgets hold whole numbers up to 2**53 only
+
+
 def _env_int(name: str, default: int, problems: list[str]) -> int:
     raw = os.environ.get(name)
     if raw is None:
         return default
     try:
-        value = int(float(raw))
-        if value < 1:
+        value = int(float(raw))  # OverflowError for "inf"
+        if not 1 <= value <= MAX_CAP:
             raise ValueError
         return value
-    except ValueError:
-        problems.append(f"{name}={raw!r} is not a positive number; using {default}.")
+    except (ValueError, OverflowError):
+        problems.append(f"{name}={raw!r} is not a whole number from 1 to {MAX_CAP:,}; using {default:,}.")
         return default
 
 

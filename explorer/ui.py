@@ -2,7 +2,11 @@
 position, charts with Plotly's image button, check marks, CSV and .npz downloads."""
 
 import io
+import re
+import uuid
+import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -16,6 +20,8 @@ from core.lens import run_with_cache
 from core.model import Cache
 
 PROMPT = "prompt"  # one prompt shared by the views that read a model's insides
+MAX_NAMED = 20  # unknown characters a warning names; the rest are counted
+MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]<>#~$:|])")
 DEFAULT_PROMPT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
                   "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?")
 
@@ -40,8 +46,7 @@ def prompt_box(ckpt: Checkpoint, key: str = PROMPT, default: str = DEFAULT_PROMP
         return None
     unknown = tokenizer.unknown(text)
     if unknown:
-        names = ", ".join(repr(ch) for ch in unknown)
-        st.warning(f"Not in this model's vocabulary: {names}. The model has no token for "
+        st.warning(f"Not in this model's vocabulary: {name_chars(unknown)}. The model has no token for "
                    f"{'it' if len(unknown) == 1 else 'them'}.")
         if not st.checkbox("Drop unknown characters", key=f"{key}_drop"):
             return None
@@ -56,9 +61,44 @@ def prompt_box(ckpt: Checkpoint, key: str = PROMPT, default: str = DEFAULT_PROMP
     return Prompt(ids, [visible(tokenizer.itos[i]) for i in ids])
 
 
+def name_chars(chars: list[str]) -> str:
+    """Characters as a message names them: quoted with their code point, so that a combining
+    accent or an invisible character can be told apart; at most MAX_NAMED, then a count."""
+    names = ", ".join(f"{ch!r} (U+{ord(ch):04X})" for ch in chars[:MAX_NAMED])
+    more = f" and {len(chars) - MAX_NAMED:,} more" if len(chars) > MAX_NAMED else ""
+    return escape_markdown(names) + more
+
+
+def escape_markdown(text: str) -> str:
+    """Text shown as itself by Streamlit's markdown (st.markdown, st.error, ...): a file name or a
+    file's contents may hold `*`, `[link](url)`, `:red[...]` or `$math$`."""
+    return MARKDOWN_SPECIALS.sub(r"\\\1", text)
+
+
+_MODEL_KEYS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def model_key(model: torch.nn.Module) -> str:
+    """A name for caches, new for every model object (an id() may be reused by a later model).
+    The views never change a model in place, so a name always means the same weights."""
+    return _MODEL_KEYS.setdefault(model, uuid.uuid4().hex)
+
+
+def run_key(ckpt: Checkpoint, prompt: Prompt) -> tuple:
+    """What a prompt's run depends on: the model and the prompt's ids."""
+    return model_key(ckpt.model), tuple(prompt.ids)
+
+
 def run_prompt(ckpt: Checkpoint, prompt: Prompt) -> tuple[torch.Tensor, Cache]:
-    """The model's logits and cache for the prompt (a batch of one)."""
-    return run_with_cache(ckpt.model, torch.tensor([prompt.ids]))
+    """The model's logits and cache for the prompt (a batch of one), computed once for every
+    session that shows the same model the same prompt (a workshop on one pretrained model):
+    shared, so read them and never change them."""
+    return _run(run_key(ckpt, prompt), ckpt.model)
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)  # a full-size model's cache: 58 MB at 256 characters
+def _run(key: tuple, _model: torch.nn.Module) -> tuple[torch.Tensor, Cache]:
+    return run_with_cache(_model, torch.tensor([key[1]]))
 
 
 def pick_position(label: str, chars: list[str], key: str) -> int:
@@ -75,6 +115,18 @@ def chart(fig: go.Figure, name: str) -> None:
         "displaylogo": False, "toImageButtonOptions": {"format": "png", "filename": name, "scale": 2}})
 
 
+def shared_chart(key: tuple, build: Callable[[], go.Figure], name: str) -> None:
+    """chart() of a figure built once for every session that draws the same one. key is the
+    run's (run_key); name must say everything else the figure shows. Building a figure is
+    Python that holds the GIL (30 ms for weighted_sum), which the server's sessions share."""
+    chart(_figure((*key, name), build), name)
+
+
+@st.cache_resource(max_entries=256, show_spinner=False)  # at most ~0.3 MB each
+def _figure(key: tuple, _build: Callable[[], go.Figure]) -> go.Figure:
+    return _build()
+
+
 def check(ok: bool, label: str) -> None:
     """A claim with a green tick or a red cross (Streamlit's icon font: no emoji font needed)."""
     st.markdown(f"{':green[:material/check_circle:]' if ok else ':red[:material/cancel:]'} {label}")
@@ -85,7 +137,8 @@ def matrix_frame(matrix: np.ndarray, rows: list[str], columns: list[str] | None 
 
 
 def csv_download(frame: pd.DataFrame, name: str, label: str = "Download CSV") -> None:
-    st.download_button(label, frame.to_csv().encode("utf-8"), f"{name}.csv", "text/csv",
+    """Written only on the click: a 147 x 147 matrix took 16 ms on every run."""
+    st.download_button(label, lambda: frame.to_csv().encode("utf-8"), f"{name}.csv", "text/csv",
                        key=f"csv_{name}", on_click="ignore")
 
 

@@ -3,12 +3,15 @@
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+import streamlit as st
 import torch
 
 from core.data import DATA_ENV
+from helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_COPY = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -47,3 +50,15 @@ def tiny_checkpoint(tmp_path_factory, shakespeare) -> Path:
                     "--eval-interval", "50", "--eval-iters", "2", "--batch-size", "8", "--threads", "1",
                     "--no-state", "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=300)
     return out.with_suffix(".json")
+
+
+@pytest.fixture
+def app_server(tiny_checkpoint, monkeypatch):
+    """The app's server as a test of sessions needs it: the tiny model listed, no runners and no
+    queue; afterwards, no training thread left behind."""
+    monkeypatch.setenv("GPT_EXPLORER_PRETRAINED", str(tiny_checkpoint.parent))
+    before = threading.active_count()
+    st.cache_resource.clear()
+    yield
+    st.cache_resource.clear()  # releases every session's box: their runners are asked to stop
+    assert wait_for(lambda: threading.active_count() <= before, timeout=30)

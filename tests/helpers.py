@@ -1,12 +1,14 @@
-"""Tiny models for fast tests (every preset at a shape that runs in milliseconds), and reading
-the app's Plotly figures back out of AppTest."""
+"""Tiny models for fast tests (every preset at a shape that runs in milliseconds), reading
+the app's Plotly figures back out of AppTest, and several browser sessions in AppTest."""
 
 import base64
 import json
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
+from streamlit.runtime.caching import cache_resource_api
 
 from core import GPT, GPTConfig
 
@@ -33,6 +35,18 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+@contextmanager
+def as_session(session_id: str):
+    """Make session-scoped caches (each session's runner box) see this session id: AppTest gives
+    every instance the same one."""
+    original = cache_resource_api.get_session_id_or_throw
+    cache_resource_api.get_session_id_or_throw = lambda: session_id
+    try:
+        yield
+    finally:
+        cache_resource_api.get_session_id_or_throw = original
 
 
 def figure(at, i: int = 0) -> dict:

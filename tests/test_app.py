@@ -10,10 +10,11 @@ import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
-from core import GPTConfig, PRESETS, visible
-from core.checkpoint import load_checkpoint, save_checkpoint
+from core import GPT, GPTConfig, PRESETS, visible
+from core.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
 from core.data import DATA_ENV
 from core.lens import ATTENTION_STEPS, attention_step, run_with_cache
+from explorer import figures
 from explorer.app import PAGES
 from explorer.state import PRETRAINED_ENV, guess_stage
 from explorer.ui import DEFAULT_PROMPT
@@ -83,6 +84,25 @@ def test_layer_head_and_step_each_change_the_figure(pretrained):
     assert figure(at)["layout"]["title"]["text"] == "Layer 1, head 1: scaled"
     for before, after in zip(seen, seen[1:]):
         assert not np.allclose(np.nan_to_num(before), np.nan_to_num(after))
+
+
+def test_sessions_share_a_figure_and_another_model_gets_its_own(pretrained, monkeypatch):
+    built = []
+    heatmap = figures.attention_heatmap
+    monkeypatch.setattr(figures, "attention_heatmap", lambda *args, **kw: built.append(args) or heatmap(*args, **kw))
+    st.cache_resource.clear()  # the figures earlier tests drew
+    first = heat(start("attention"))
+    np.testing.assert_array_equal(heat(start("attention")), first)  # another session: drawn once
+    assert len(built) == 1
+    ckpt = load_checkpoint(pretrained)
+    torch.manual_seed(1)
+    weights, meta = checkpoint_bytes(GPT(ckpt.model.config), ckpt.tokenizer)  # same names and shapes
+    at = start("attention")
+    at.file_uploader(key="upload").set_value([("other.safetensors", weights, "application/octet-stream"),
+                                              ("other.json", meta, "application/json")]).run()
+    assert at.selectbox(key="model").value == "other (uploaded)" and len(built) == 2
+    assert not np.allclose(np.nan_to_num(heat(at)), np.nan_to_num(first))
+    st.cache_resource.clear()
 
 
 @pytest.mark.parametrize("step", ATTENTION_STEPS)

@@ -176,7 +176,26 @@ CORRUPTIONS = {
     "extra tensor": (lambda p: rewrite_tensors(p, lambda t: t.update(spare=torch.zeros(2))), r"unexpected \['spare'\]"),
     "integer weights": (lambda p: rewrite_tensors(p, lambda t: t.update({"ln_f.bias": torch.zeros(16, dtype=torch.int32)})),
                         "not floating-point"),
+    "header claims a huge tensor": (lambda p: weights_file(p).write_bytes(safetensors_header(
+        {"ln_f.weight": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 4]}}) + bytes(4)),
+        "not a readable safetensors file"),
+    "json nested too deep": (lambda p: paths(p)[1].write_text("[" * 100_000 + "]" * 100_000), "not valid JSON"),
+    "vocab with a lone surrogate": (edit_meta(lambda m: m["vocab"].__setitem__(0, "\ud800")),
+                                    r"vocab holds '\\ud800', which is not a character"),
+    "record of the wrong type": (edit_meta(lambda m: m["record"].update(iters="many")),
+                                 "record.iters must be a non-negative number"),
+    "notes not a mapping": (edit_meta(lambda m: m.update(extra=["x"])), "extra notes are not a mapping"),
+    "a million layers": (edit_meta(lambda m: m["model_config"].update(n_layer=1_000_000)),
+                         "it has 1,000,000 layers, the weights 30 tensors"),
+    "a 100,000-character context": (edit_meta(lambda m: m["model_config"].update(block_size=100_000)),
+                                    r"needs 20\.0 GB of causal masks"),
 }
+
+
+def safetensors_header(header: dict) -> bytes:
+    """The start of a safetensors file: the header's length (8 bytes, little-endian), then it."""
+    data = json.dumps(header).encode()
+    return len(data).to_bytes(8, "little") + data
 
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from core import sample, train
+from core.trainer import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--eval-iters", "2",
@@ -228,3 +229,9 @@ def test_missing_required_option_is_a_usage_error(capsys):
         sample.main([])
     assert exit_.value.code == 2
     assert "--ckpt" in capsys.readouterr().err
+
+
+def test_precision_option_reaches_the_train_config():
+    parse = train.build_parser().parse_args
+    assert train.train_config(parse([]), TrainConfig()).precision == TrainConfig().precision
+    assert train.train_config(parse(["--precision", "float32"]), TrainConfig()).precision == "float32"

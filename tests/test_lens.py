@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from core.lens import (cosine_similarity, head_matrix, head_stats, layer_norm_io, layer_norms, pca_2d,
-                       residual_streams, row_entropy, run_with_cache)
+from core.lens import (cache_nbytes, cosine_similarity, head_matrix, head_stats, layer_norm_io, layer_norms,
+                       pca_2d, residual_streams, row_entropy, run_with_cache)
 from helpers import tiny_model
 
 T = 6
@@ -89,3 +89,16 @@ def test_cosine_similarity():
     sim = cosine_similarity(x)
     torch.testing.assert_close(sim, F.cosine_similarity(x[:, None], x[None], dim=-1))
     torch.testing.assert_close(sim.diagonal(), torch.ones(7))
+
+
+def test_cache_nbytes_counts_each_storage_once():
+    x, y = torch.zeros(4, 6), torch.zeros(3, dtype=torch.float64)
+    assert cache_nbytes({"a": x, "b": x.view(6, 4), "c": x[:2], "d": y}) == x.nbytes + y.nbytes
+
+
+def test_cache_nbytes_of_a_run_counts_shared_tensors_once():
+    model = tiny_model("layernorm")
+    _, cache = run_with_cache(model, torch.zeros((1, T), dtype=torch.long))
+    q, k, v = (cache[f"blocks.0.attn.hook_{name}"] for name in "qkv")
+    assert cache_nbytes({"q": q}) == cache_nbytes({"q": q, "k": k, "v": v}) == 3 * q.nbytes  # one qkv output
+    assert cache_nbytes(cache) < sum(t.nbytes for t in cache.values())

@@ -7,42 +7,20 @@ switch the id that session-scoped caches see before each run (`as_session`).
 
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import streamlit as st
 from streamlit.runtime import caching
-from streamlit.runtime.caching import cache_resource_api
 from streamlit.testing.v1 import AppTest
 
-from helpers import figure, wait_for
+from helpers import as_session, figure, wait_for
 
 APP = Path(__file__).resolve().parent.parent / "explorer" / "app.py"
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
 TINY = dict(preset="layernorm", n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_interval=20)
 
 
-@pytest.fixture(autouse=True)
-def clean_server(tiny_checkpoint, monkeypatch):
-    """Each test starts with no runners and no queue, and leaves no training thread behind."""
-    monkeypatch.setenv("GPT_EXPLORER_PRETRAINED", str(tiny_checkpoint.parent))
-    before = threading.active_count()
-    st.cache_resource.clear()
-    yield
-    st.cache_resource.clear()  # releases every session's box: their runners are asked to stop
-    assert wait_for(lambda: threading.active_count() <= before, timeout=30)
-
-
-@contextmanager
-def as_session(session_id: str):
-    """Make session-scoped caches (each session's runner box) see this session id."""
-    original = cache_resource_api.get_session_id_or_throw
-    cache_resource_api.get_session_id_or_throw = lambda: session_id
-    try:
-        yield
-    finally:
-        cache_resource_api.get_session_id_or_throw = original
+pytestmark = pytest.mark.usefixtures("app_server")  # no runners and no queue before, no thread after
 
 
 def open_train(session: str = "test session id", **settings) -> AppTest:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from core.data import Corpus
+from core.lens import run_with_cache
 from core.trainer import TrainConfig, Trainer
 from helpers import tiny_config
 
@@ -214,6 +215,7 @@ def test_learning_rate_schedule():
     (dict(grad_clip=-1.0), "must not be negative"),
     (dict(threads=0), "threads must be at least 1"),
     (dict(device="tpu"), "device must be 'cpu', 'cuda' or 'auto'"),
+    (dict(precision="float16"), "precision must be one of"),
 ])
 def test_train_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -229,3 +231,23 @@ def test_train_config_round_trip():
 def test_vocab_mismatch_is_refused(tiny_corpus):
     with pytest.raises(ValueError, match="vocab_size"):
         Trainer(tiny_config(vocab_size=tiny_corpus.tokenizer.vocab_size + 1), TrainConfig(), tiny_corpus)
+
+
+def test_bfloat16_trains_and_stays_inside_training(corpus):
+    trainer = make(corpus, batch_size=16, max_iters=60, eval_iters=5, precision="bfloat16")
+    before = trainer.estimate_loss()
+    trainer.run(60)
+    after = trainer.estimate_loss()
+    assert trainer.bf16 and after["val"] < before["val"] - 0.5
+    # Only the matmuls of training ran in bfloat16: the weights and what the app reads are float32.
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    _, cache = run_with_cache(trainer.model, torch.zeros((1, 4), dtype=torch.long))
+    assert all(t.dtype == torch.float32 for t in cache.values())
+
+
+def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(tiny_corpus, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    assert not make(tiny_corpus).bf16
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    assert make(tiny_corpus).bf16
+    assert not make(tiny_corpus, precision="float32").bf16

@@ -32,42 +32,43 @@ def attention_view() -> None:
     if prompt is None:
         return
     _, cache = ui.run_prompt(ckpt, prompt)
+    key = ui.run_key(ckpt, prompt)  # every session showing this model this prompt shares the figures
     left, middle, right = st.columns([1, 1, 3])
     layer = left.selectbox("Layer", range(cfg.n_layer), key="attn_layer")
     head = middle.selectbox("Head", range(cfg.n_head), key="attn_head")
     step = right.radio("Step", ATTENTION_STEPS, horizontal=True, key="attn_step", index=len(ATTENTION_STEPS) - 1)
-    one_head(cache, layer, head, step, prompt)
+    one_head(cache, layer, head, step, prompt, key)
     grid, query, lines, stats = st.tabs(["All heads", "One query", "Lines", "Statistics"])
     with grid:
-        all_heads(cache)
+        all_heads(cache, key)
     with query:
-        one_query(cache, layer, head, prompt)
+        one_query(cache, layer, head, prompt, key)
     with lines:
         pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, head].numpy()
         st.caption(f"Layer {layer}, head {head}: each key (left) joins each query (right) that reads it; "
                    "the darker the line, the more weight.")
-        ui.chart(figures.bipartite(pattern, prompt.chars), f"lines_L{layer}H{head}")
+        ui.shared_chart(key, lambda: figures.bipartite(pattern, prompt.chars), f"lines_L{layer}H{head}")
     with stats:
         statistics(cache)
 
 
-def one_head(cache: Cache, layer: int, head: int, step: str, prompt: Prompt) -> None:
+def one_head(cache: Cache, layer: int, head: int, step: str, prompt: Prompt, key: tuple) -> None:
     scores = attention_step(cache, layer, step)[0, head].numpy()  # (T, T): queries x keys
     name = f"attention_L{layer}H{head}_{step}"
-    ui.chart(figures.attention_heatmap(scores, prompt.chars, step, f"Layer {layer}, head {head}: {step}"), name)
+    ui.shared_chart(key, lambda: figures.attention_heatmap(scores, prompt.chars, step,
+                                                            f"Layer {layer}, head {head}: {step}"), name)
     st.markdown(STEPS[step])
     labels = figures.position_labels(prompt.chars)
     ui.csv_download(ui.matrix_frame(scores, labels, labels), name)
 
 
-def all_heads(cache: Cache) -> None:
-    patterns = _patterns(cache)  # (L, H, T, T)
+def all_heads(cache: Cache, key: tuple) -> None:
     st.caption("Softmax weights of every head at once. Above 128 characters each pixel shows the largest "
                "weight of a small block of cells.")
-    ui.chart(figures.head_grid(patterns.numpy()), "all_heads")
+    ui.shared_chart(key, lambda: figures.head_grid(_patterns(cache).numpy()), "all_heads")  # (L, H, T, T)
 
 
-def one_query(cache: Cache, layer: int, head: int, prompt: Prompt) -> None:
+def one_query(cache: Cache, layer: int, head: int, prompt: Prompt, key: tuple) -> None:
     """The lecture's weighted sum for one query: z = Σ_j w_j v_j."""
     t = ui.pick_position("Query position", prompt.chars, key="attn_query")
     prefix = f"blocks.{layer}.attn."
@@ -75,12 +76,13 @@ def one_query(cache: Cache, layer: int, head: int, prompt: Prompt) -> None:
     values = cache[f"{prefix}hook_v"][0, : t + 1, head].numpy()  # (t+1, head_size)
     z = cache[f"{prefix}hook_z"][0, t, head].numpy()  # (head_size,)
     keys = prompt.chars[: t + 1]
-    ui.chart(figures.bar_chart(weights, figures.position_labels(keys), f"What '{prompt.chars[t]}' (position {t}) "
-                               f"looks at: layer {layer}, head {head}", x_title="key", y_title="weight"),
-             f"query_{t}_L{layer}H{head}")
+    ui.shared_chart(key, lambda: figures.bar_chart(weights, figures.position_labels(keys),
+                                                   f"What '{prompt.chars[t]}' (position {t}) looks at: layer "
+                                                   f"{layer}, head {head}", x_title="key", y_title="weight"),
+                    f"query_{t}_L{layer}H{head}")
     st.markdown(f"Its output is the weighted sum of the values of the characters it looks at: "
                 f"**z = Σⱼ wⱼ vⱼ**, the head's `hook_z` at position {t}.")
-    ui.chart(figures.weighted_sum(weights, values, z, keys), f"weighted_sum_{t}_L{layer}H{head}")
+    ui.shared_chart(key, lambda: figures.weighted_sum(weights, values, z, keys), f"weighted_sum_{t}_L{layer}H{head}")
     diff = float(np.abs(weights @ values - z).max())
     ui.check(np.allclose(weights @ values, z, atol=1e-5), f"w · v summed equals `hook_z` (largest difference {diff:.1e})")
 

@@ -81,8 +81,8 @@ def setup(limits) -> None:
 def data_box(limits) -> None:
     source = st.radio("Text", SOURCES, horizontal=True, key=K + "source")
     if source == SOURCES[1]:
-        st.file_uploader(f"A UTF-8 .txt file (at most {limits.max_text_bytes // 1_000_000} MB)", type=["txt"],
-                         key=K + "upload")
+        mb = max(1, limits.max_text_bytes // 1_000_000)  # the browser refuses a bigger file before sending it
+        st.file_uploader(f"A UTF-8 .txt file (at most {mb} MB)", type=["txt"], key=K + "upload", max_upload_size=mb)
     elif source == SOURCES[2]:
         st.text_area("Your text", key=K + "paste", height=150,
                      placeholder="Paste a few thousand characters: poems, code, a novel chapter…")

@@ -1,0 +1,116 @@
+"""Goal 2: time to a val loss of 1.88 on Tiny Shakespeare at nanoGPT's CPU shape (4 layers,
+4 heads, 128 dims, block 64). nanoGPT's recipe run by its own loop (2000 iterations of batch
+12, evaluating every 250) against the project's trainer with its own recipe, one after the
+other in one process. Both runs are timed whole, evaluations included; afterwards (untimed)
+both models are judged on the same loss: every 64-character window of the validation split.
+Then nanoGPT's recipe on the project's trainer in float32 and in bfloat16: the same loss?
+
+    python -m benchmarks.time_to_quality [--quick]
+"""
+
+import time
+
+import torch
+
+from benchmarks import common
+from benchmarks.reference import NanoGPT, NanoRecipe, RefConfig, nanogpt_train
+from core.data import Corpus
+from core.train import build_parser, model_config, train_config
+from core.trainer import TrainConfig, Trainer
+
+TARGET_LOSS = 1.88
+TARGET_TIME = 0.8  # at most this fraction of the reference's wall time
+SHAPE = "--preset layernorm --n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --dropout 0 --no-bias --activation gelu"
+# nanoGPT's recipe and the project's, as options of `python -m core.train`. The project's takes
+# 40% fewer steps of a third more sequences at twice the learning rate.
+NANOGPT_RECIPE = "--batch-size 12 --max-iters 2000 --lr 1e-3 --min-lr 1e-4 --warmup-iters 100 --eval-interval 250 --eval-iters 20"
+RECIPE = "--batch-size 16 --max-iters 1200 --lr 2e-3 --min-lr 2e-4 --warmup-iters 100 --eval-interval 250 --eval-iters 20"
+
+
+@torch.no_grad()
+def val_loss(model, corpus: Corpus, block: int = 64, batch: int = 256) -> float:
+    """Mean loss over every non-overlapping window of the validation split (float32)."""
+    data = corpus.splits["val"]
+    n = (len(data) - 1) // block
+    x, y = data[:n * block].view(n, block), data[1:n * block + 1].view(n, block)
+    was_training = model.training
+    model.eval()
+    total = sum(model(x[i:i + batch], y[i:i + batch])[1].item() * len(x[i:i + batch]) for i in range(0, n, batch))
+    model.train(was_training)
+    return total / n
+
+
+def scaled(options: str, fraction: float) -> str:
+    """The recipe with its iterations (and evaluation interval) cut to a fraction, for --quick."""
+    words = options.split()
+    for flag in ("--max-iters", "--eval-interval", "--warmup-iters"):
+        if flag in words:
+            i = words.index(flag) + 1
+            words[i] = str(max(1, int(int(words[i]) * fraction)))
+    return " ".join(words)
+
+
+def run_reference(corpus: Corpus, fraction: float, settle: float) -> dict:
+    recipe = NanoRecipe()
+    recipe.max_iters = recipe.lr_decay_iters = int(recipe.max_iters * fraction)
+    recipe.eval_interval = max(1, int(recipe.eval_interval * fraction))
+    recipe.warmup_iters = int(recipe.warmup_iters * fraction)
+    common.wait_for_quiet(settle)
+    with common.Busy() as busy:
+        torch.manual_seed(1337)
+        model = NanoGPT(RefConfig(vocab_size=corpus.tokenizer.vocab_size))
+        losses = nanogpt_train(model, corpus.splits, recipe)
+    return dict(recipe=recipe.__dict__, wall_s=busy.wall, own_val_loss=losses["val"],
+                val_loss=val_loss(model, corpus), others_cpu_share=busy.others)
+
+
+def run_project(text_corpus: Corpus, options: str, settle: float) -> dict:
+    args = build_parser().parse_args(f"{SHAPE} {options}".split())
+    common.wait_for_quiet(settle)
+    with common.Busy() as busy:
+        trainer = Trainer(model_config(args, text_corpus.tokenizer.vocab_size), train_config(args, TrainConfig()),
+                          text_corpus)
+        trainer.train()
+    evals = [(row["iter"], round(row["val_loss"], 4)) for row in trainer.history if "val_loss" in row]
+    return dict(cli=f"python -m core.train {SHAPE} {options}", bf16=trainer.bf16, wall_s=busy.wall,
+                own_val_loss=trainer.record.val_loss, val_loss=val_loss(trainer.model, text_corpus),
+                evals=evals, others_cpu_share=busy.others)
+
+
+def main() -> None:
+    args = common.parse_args(__doc__)
+    fraction = 0.1 if args.quick else 1.0
+    corpus = Corpus(common.shakespeare(), 64)
+    t0 = time.perf_counter()
+    reference = run_reference(corpus, fraction, args.settle)
+    ours = run_project(corpus, scaled(RECIPE, fraction), args.settle)
+    # Is bfloat16 as good as float32? nanoGPT's recipe on the project's trainer, once in each.
+    precision = {p: run_project(corpus, scaled(f"{NANOGPT_RECIPE} --precision {p}", fraction), args.settle)
+                 for p in ("float32", "bfloat16")}
+    ratio = ours["wall_s"] / reference["wall_s"]
+    judged = not args.quick
+    goals = {"val_loss": common.goal(ours["val_loss"], TARGET_LOSS, False, judged),
+             "wall_time_vs_reference": common.goal(ratio, TARGET_TIME, False, judged)}
+    rows = [("nanoGPT recipe, its loop: wall time", f"{reference['wall_s']:.1f}", "s"),
+            ("  val loss (all validation windows)", f"{reference['val_loss']:.4f}",
+             f"(its own 20-batch estimate: {reference['own_val_loss']:.4f})"),
+            ("project trainer, its recipe: wall time", f"{ours['wall_s']:.1f}", "s"),
+            ("  val loss (all validation windows)", f"{ours['val_loss']:.4f}",
+             f"(its own estimate: {ours['own_val_loss']:.4f}); goal <= {TARGET_LOSS}: {common.verdict(goals['val_loss'])}"),
+            ("wall time, project / reference", f"{ratio:.2f}",
+             f"goal <= {TARGET_TIME}: {common.verdict(goals['wall_time_vs_reference'])}"),
+            ("other processes' share of the CPU (reference, project)",
+             f"{100 * reference['others_cpu_share']:.0f}, {100 * ours['others_cpu_share']:.0f}", "%"),
+            ("project recipe", "", ours["cli"])]
+    rows += [(f"nanoGPT's recipe on the project trainer, {p}: val loss", f"{run['val_loss']:.4f}",
+              f"in {run['wall_s']:.1f} s (other processes {100 * run['others_cpu_share']:.0f}%)")
+             for p, run in precision.items()]
+    common.report("Time to quality on Tiny Shakespeare" + (" (--quick: a tenth of each run)" if args.quick else ""),
+                  rows, dict(benchmark="time_to_quality", quick=args.quick, machine=common.machine(),
+                             reference=reference, project=ours, wall_ratio=ratio, precision_check=precision,
+                             total_s=time.perf_counter() - t0,
+                             goals=goals))
+
+
+if __name__ == "__main__":
+    main()
