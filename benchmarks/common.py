@@ -17,6 +17,7 @@ import torch
 from core.data import load_shakespeare
 
 
+ROOT = Path(__file__).resolve().parent.parent
 QUIET = 0.1  # a measurement counts as quiet when other processes used under 10% of the CPU
 
 
@@ -84,6 +85,11 @@ class Rounds:
     def median(self, name: str) -> float:
         return statistics.median(self.times[name][i] for i in self.kept)
 
+    def speedup(self, name: str, over: str) -> float:
+        """Median over the kept rounds of over's time / name's time. Paired within each round,
+        so that the machine's drift from round to round cancels out."""
+        return statistics.median(self.times[over][i] / self.times[name][i] for i in self.kept)
+
     def summary(self) -> dict:
         return dict(rounds=len(self.others), rounds_used=len(self.kept), others_cpu_share=self.others,
                     times_s=self.times)
@@ -124,7 +130,7 @@ def median(xs) -> float:
 
 class Busy:
     """How much of the machine's CPU time other processes used while the block ran (0..1).
-    Reads /proc/stat (all processes) and subtracts this process's own time."""
+    Reads /proc/stat (all processes) and subtracts this process's own time and its children's."""
 
     def __enter__(self):
         self._start = (_busy_jiffies(), os.times(), time.perf_counter())
@@ -135,7 +141,7 @@ class Busy:
         hz = os.sysconf("SC_CLK_TCK")
         total = (_busy_jiffies() - jiffies) / hz
         now = os.times()
-        own = (now.user + now.system) - (times.user + times.system)
+        own = sum(now[:4]) - sum(times[:4])  # this process and its finished children
         self.wall = time.perf_counter() - wall
         self.others = max(0.0, total - own) / max(self.wall * (os.cpu_count() or 1), 1e-9)
 

@@ -46,7 +46,7 @@ from streamlit.proto.WidgetStates_pb2 import WidgetState
 
 from benchmarks import common
 from core.checkpoint import paths
-from core.data import DataError, shakespeare_path
+from core.data import CACHE_DIR, DATA_ENV
 from explorer.training import read_limits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -454,10 +454,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    try:
-        text = shakespeare_path()  # the trainers' text, found (or downloaded) before the clock starts
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    text = Path(os.environ.get(DATA_ENV) or CACHE_DIR / "tinyshakespeare.txt")  # never downloaded: 127.0.0.1 only
+    if not text.is_file():
+        sys.exit(f"error: no Tiny Shakespeare at {text}: set {DATA_ENV} to a copy of its input.txt")
     if args.max_trainings:
         os.environ["GPT_EXPLORER_MAX_TRAININGS"] = str(args.max_trainings)
     cap = read_limits()[0].max_trainings  # as the server reads the same environment

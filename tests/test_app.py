@@ -2,6 +2,7 @@
 shown, the figures hold what they claim, and bad input gets a message, never a traceback."""
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from core.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
 from core.data import DATA_ENV
 from core.lens import ATTENTION_STEPS, attention_step, run_with_cache
 from explorer import figures
-from explorer.app import PAGES
+from explorer.app import GIL_SWITCH_S, PAGES
 from explorer.state import PRETRAINED_ENV, guess_stage
 from explorer.ui import DEFAULT_PROMPT
 from helpers import figure, tiny_model
@@ -84,6 +85,12 @@ def test_layer_head_and_step_each_change_the_figure(pretrained):
     assert figure(at)["layout"]["title"]["text"] == "Layer 1, head 1: scaled"
     for before, after in zip(seen, seen[1:]):
         assert not np.allclose(np.nan_to_num(before), np.nan_to_num(after))
+
+
+def test_the_server_hands_the_gil_over_quickly(pretrained):
+    sys.setswitchinterval(0.005)  # Python's default
+    start()
+    assert sys.getswitchinterval() == GIL_SWITCH_S
 
 
 def test_sessions_share_a_figure_and_another_model_gets_its_own(pretrained, monkeypatch):

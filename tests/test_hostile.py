@@ -13,7 +13,6 @@ import ctypes
 import gc
 import io
 import json
-import os
 import pickle
 import random
 import subprocess
@@ -45,6 +44,7 @@ from test_train_view import TEXT, click, rerun_until, step
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "explorer" / "app.py"
 BINARY, JSON = "application/octet-stream", "application/json"
+NOISE = random.Random(0).randbytes(4096)  # random bytes, the same in every run
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def torch_saved(obj) -> bytes:
 UPLOADS = {
     "truncated weights": (lambda w, m, marker: pair(w[: len(w) // 2], edited(m)), "not a readable safetensors file"),
     "zero-byte weights": (lambda w, m, marker: pair(b"", edited(m)), "not a readable safetensors file"),
-    "random bytes": (lambda w, m, marker: pair(os.urandom(4096), edited(m)), "not a readable safetensors file"),
+    "random bytes": (lambda w, m, marker: pair(NOISE, edited(m)), "not a readable safetensors file"),
     "a pickle named .safetensors": (lambda w, m, marker: pair(pickle.dumps({"x": Payload(marker)}), edited(m)),
                                     "not a readable safetensors file"),
     "JSON not UTF-8": (lambda w, m, marker: pair(w, b"\xff\xfe{}"), "not valid JSON"),
@@ -94,7 +94,7 @@ UPLOADS = {
     "a meta.pkl that runs code": (lambda w, m, marker: [("ckpt.pt", b"", BINARY),
                                                         ("meta.pkl", pickle.dumps({"itos": Payload(marker)}), BINARY)],
                                   "only dicts, lists, strings and numbers"),
-    "a ckpt.pt of random bytes": (lambda w, m, marker: [("ckpt.pt", os.urandom(1000), BINARY)], "or it is damaged"),
+    "a ckpt.pt of random bytes": (lambda w, m, marker: [("ckpt.pt", NOISE, BINARY)], "or it is damaged"),
     "a file of another kind": (lambda w, m, marker: [("notes.txt", b"hello", "text/plain")],
                                "one .safetensors file and one .json file"),
 }
@@ -142,7 +142,7 @@ def test_an_upload_named_with_a_path_stays_in_memory_and_its_name_is_shown_as_te
 def test_unknown_characters_are_named_by_code_point_and_can_be_dropped(pretrained, prompt, code_points):
     at = set_prompt(start("attention"), prompt)
     warning = texts(at.warning)
-    assert all(f"(U+{c[2:]})" in warning for c in code_points) and not at.get("plotly_chart")
+    assert all(f"({c})" in warning for c in code_points) and not at.get("plotly_chart")
     at.checkbox(key="prompt_drop").check().run()
     assert not at.exception and heat(at).shape == (5, 5)  # "To be"
 
@@ -158,7 +158,7 @@ def test_a_prompt_of_only_unknown_characters_says_so(pretrained):
     assert "sample_generate" not in [b.key for b in at.button]  # nothing to generate from
 
 
-def test_a_100k_character_prompt_is_cropped_in_every_view(pretrained):
+def test_a_100k_character_prompt_is_cropped_for_attention_and_sampling(pretrained):
     prompt = ("To be, or not to be: that is the question. " * 2400)[:100_000]
     at = set_prompt(start("attention"), prompt)
     assert not at.exception and "cropped to the last 32" in texts(at.info) and heat(at).shape == (32, 32)
@@ -237,6 +237,8 @@ def unsafe_loads(source: str) -> list[str]:
             found += [f"import {a.name}" for a in node.names if a.name.split(".")[0] in PICKLERS]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PICKLERS:
             found.append(f"from {node.module} import")
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch" and "load" in [a.name for a in node.names]:
+            found.append("from torch import load")  # its calls would read as a bare load(...)
         elif isinstance(node, ast.Call):
             found += _unsafe_call(ast.unparse(node.func), {k.arg: k.value for k in node.keywords})
     return found
@@ -271,6 +273,7 @@ def test_no_project_code_can_unpickle():
     ("import pickle", ["import pickle"]),
     ("import cloudpickle as cp", ["import cloudpickle"]),
     ("from pickle import loads", ["from pickle import"]),
+    ("from torch import load, nn", ["from torch import load"]),
     ("torch.load(f)", ["torch.load without weights_only=True"]),
     ("torch.load(f, weights_only=False)", ["torch.load without weights_only=True"]),
     ("torch.load(f, map_location='cpu', weights_only=True)", []),
@@ -386,15 +389,16 @@ def come_and_go(n: int) -> list[weakref.ref]:
 
 def test_sessions_that_come_and_go_leave_no_threads_or_memory(app_server, monkeypatch):
     monkeypatch.setenv("GPT_EXPLORER_MAX_PARAMS", "10000000")
-    threads = threading.active_count()
+    threads = threading.active_count()  # a thread of an earlier test may still be ending: at most this many
     come_and_go(10)  # the first round warms up: imports, caches, the allocator's pools
-    assert wait_for(lambda: threading.active_count() == threads)
+    assert wait_for(lambda: threading.active_count() <= threads)
     baseline = live_rss_mb()
     trainers = come_and_go(10)
-    assert wait_for(lambda: threading.active_count() == threads)
+    assert wait_for(lambda: threading.active_count() <= threads), threading.enumerate()
     # Ten trainers kept by mistake hold 140 MB or more (172 MB, measured with runners kept on
     # purpose); rounds that keep nothing moved it by -4 to +17 MB.
-    assert live_rss_mb() - baseline < 50
+    grown = live_rss_mb() - baseline
+    assert grown < 50, f"RSS grew by {grown:.0f} MB"
     assert not [t for t in trainers if t() is not None]
 
 

@@ -52,6 +52,19 @@ def test_fused_and_explicit_paths_agree(preset):
     assert (fast - traced).abs().max().item() <= 1e-5
 
 
+def test_cpu_autocast_keeps_attention_in_float32():
+    """Under bfloat16 autocast a CPU runs attention in float32 (its bfloat16 kernel is slower);
+    the logits stay close to float32's."""
+    from core.model import _attention
+    q = k = v = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
+    model = tiny_model("layernorm")
+    idx = tokens(model.config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _attention(q, k, v, is_causal=True).dtype == torch.float32
+        low, _ = model(idx)
+    torch.testing.assert_close(low.float(), model(idx)[0], atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("preset", ATTENTION_PRESETS)
 def test_attention_pattern_properties(preset):
     model = tiny_model(preset)
