@@ -1,6 +1,7 @@
 """Goal 5, the app:
 - the Attention view of a 6-layer, 6-head model (the lecture's full shape, random weights) at
   a 256-character prompt: the time of one script run in Streamlit's AppTest after a warm-up,
+  rerun with the same prompt (served from the cache every session shares) and with a new one,
   and the size of each figure's JSON (the all-heads grid must stay under 2 MB);
 - the live-training runner (a background thread, with its evaluations, samples and attention
   snapshots) against the bare trainer, on the Train view's default settings.
@@ -52,13 +53,19 @@ def attention_view(text: str, reruns: int, profile: bool, settle: float) -> dict
         at.text_area(key="prompt").set_value(text[:256]).run()  # the warm-up
         if at.exception:
             raise RuntimeError([e.value for e in at.exception])
-        timings = common.interleave({"run": at.run}, reruns, settle)
+        windows = iter(range(1000, len(text), 1000))
+
+        def new_prompt():  # a prompt no session has shown: nothing of its run is cached yet
+            start = next(windows)
+            at.text_area(key="prompt").set_value(text[start:start + 256]).run()
+
+        timings = common.interleave({"run": at.run, "new_prompt": new_prompt}, reruns, settle)
         hot_spots = _profile_one_run(at) if profile else None
         specs = [chart.proto.spec for chart in at.get("plotly_chart")]
     torch.set_num_threads(threads)
     sizes = [len(spec.encode()) / 1e6 for spec in specs]
     grid = next(size for spec, size in zip(specs, sizes) if GRID_TITLE in spec)
-    return dict(prompt_chars=256, run_s=timings.median("run"), grid_mb=grid, largest_mb=max(sizes),
+    return dict(prompt_chars=256, run_s=timings.median("run"), new_prompt_s=timings.median("new_prompt"), grid_mb=grid, largest_mb=max(sizes),
                 figures_mb=sum(sizes), n_figures=len(sizes), hot_spots=hot_spots, timings=timings)
 
 
@@ -118,11 +125,13 @@ def main() -> None:
                                  settle=args.settle)
     view = attention_view(text, reruns=3 if args.quick else 9, profile=args.profile, settle=args.settle)
     judged = not args.quick
-    goals = {"attention_view_run": common.goal(view["run_s"], VIEW_TARGET_S, False, judged),
+    goals = {"attention_view_run": common.goal(max(view["run_s"], view["new_prompt_s"]), VIEW_TARGET_S, False, judged),
              "head_grid_json": common.goal(view["grid_mb"], GRID_TARGET_MB, False, judged),
              "runner_vs_trainer": common.goal(training["ratio"], RUNNER_TARGET, True, judged)}
-    rows = [("Attention view, 6x6 heads, 256-char prompt: script run", f"{view['run_s']:.2f}",
-             f"s (median); goal <= {VIEW_TARGET_S}: {common.verdict(goals['attention_view_run'])}"),
+    rows = [("Attention view, 6x6 heads, 256-char prompt: a rerun", f"{view['run_s']:.2f}",
+             "s (median; the prompt's run and figures come from the cache every session shares)"),
+            ("  a run with a new prompt", f"{view['new_prompt_s']:.2f}",
+             f"s (median); goal <= {VIEW_TARGET_S} for both: {common.verdict(goals['attention_view_run'])}"),
             ("  all-heads grid figure JSON", f"{view['grid_mb']:.2f}",
              f"MB; goal <= {GRID_TARGET_MB}: {common.verdict(goals['head_grid_json'])}"),
             ("  largest figure JSON (a focused head may be full resolution)", f"{view['largest_mb']:.2f}", "MB"),

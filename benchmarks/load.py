@@ -4,12 +4,13 @@ Starts a real `streamlit run explorer/app.py` on 127.0.0.1 (a free port) and dri
 browserless sessions that speak Streamlit's websocket protocol with Streamlit's own protobufs,
 as a browser does: a BackMsg rerun_script carrying every widget's state, widget ids read from
 the ForwardMsgs of the runs before, pages changed by their page_script_hash, and the
-auto-rerun messages of the Train view's polling fragment honoured at their interval (a new
-request once the previous one has finished, so each latency is one request's).
+auto-rerun messages of the polling fragments (Train's progress, Sample's text arriving)
+honoured at their interval (a new request once the previous one has finished, so each
+latency is one request's).
 
 - viewers: explore at random with a think time between actions: on Attention, change the
-  layer, the head or the step, or go to Sample; there, Generate with a fresh seed, pick a
-  written character, or go back.
+  layer, the head or the step, or go to Sample; there, Generate with a fresh seed (and watch
+  the text arrive), pick a written character, or go back.
 - trainers: open Train, set the steps of the default recipe, click Start, watch it poll; with
   fewer training slots than trainers, the others queue until a slot frees.
 
@@ -136,6 +137,7 @@ class Session:
         self.auto_reruns: dict[str, float] = {}  # fragment id -> interval (s)
         self.texts: list[tuple[str, str]] = []  # (element kind, text) drawn since the last request
         self.training = Training()
+        self.written: list[float] = []  # seconds from a click on Generate to the whole sample on the page
         self._finished: asyncio.Future | None = None
         self._ws = None
 
@@ -261,7 +263,11 @@ async def viewer(s: Session, deadline: float, think: tuple[float, float], rng: r
             await s.rerun("pick a character")
         else:
             s.set_number("sample_seed", rng.randrange(1_000_000))
+            clicked = time.monotonic()
             await s.rerun("generate", trigger="sample_generate")
+            await poll(s, "sample poll", deadline)  # it watches the text arrive
+            if not s.auto_reruns:
+                s.written.append(time.monotonic() - clicked)
 
 
 async def trainer(s: Session, deadline: float, steps: int) -> None:
@@ -276,10 +282,17 @@ async def trainer(s: Session, deadline: float, steps: int) -> None:
         if not s.auto_reruns:  # not polling (queued runs poll too): a full run shows the end
             await asyncio.sleep(0.2)
             continue
+        await poll(s, "train poll", deadline, after=read_progress)
+
+
+async def poll(s: Session, kind: str, deadline: float, after=lambda s: None) -> None:
+    """Rerun the page's polling fragment at the interval it asks, as a browser does, while it
+    asks; `after(s)` reads each result."""
+    while s.auto_reruns and time.monotonic() < deadline:
         fragment_id, interval = next(iter(s.auto_reruns.items()))
         t0 = time.monotonic()
-        await s.rerun("poll", fragment_id=fragment_id)
-        read_progress(s)
+        await s.rerun(kind, fragment_id=fragment_id)
+        after(s)
         await asyncio.sleep(max(0.0, interval - (time.monotonic() - t0)))
 
 
@@ -362,6 +375,7 @@ def percentiles(xs: list[float]) -> dict:
 def summarise(sessions, errors, latencies, memory, cpu, args, cap) -> tuple[list, dict]:
     by_kind = {kind: percentiles([s for k, s in latencies if k == kind]) for kind in dict.fromkeys(k for k, _ in latencies)}
     overall = percentiles([s for _, s in latencies])
+    written = percentiles([w for s in sessions for w in s.written])
     trainings = [s.training for s in sessions if s.name.startswith("trainer")]
     per_training = [dict(queued_at_most=t.queue_position, waited_s=(t.started - t.clicked) if t.started else None,
                          ran_s=(t.finished - t.started) if t.finished and t.started else None,
@@ -374,13 +388,14 @@ def summarise(sessions, errors, latencies, memory, cpu, args, cap) -> tuple[list
              "trainings_finished": common.goal(finished, len(trainings), True)}
     result = dict(benchmark="load", machine=common.machine(), viewers=args.viewers, trainers=args.trainers,
                   duration_s=args.duration, steps=args.steps, think_s=args.think, training_slots=cap,
-                  latency_s=overall, latency_by_kind_s=by_kind, errors=len(errors), error_samples=errors[:10],
+                  latency_s=overall, latency_by_kind_s=by_kind, sample_written_s=written, errors=len(errors), error_samples=errors[:10],
                   trainings=per_training, trainings_finished=finished, server=dict(**memory, **cpu), goals=goals)
     rows = [("sessions", f"{args.viewers} + {args.trainers}", f"viewers + trainers, {args.duration:.0f} s, "
              f"think {args.think[0]:g}-{args.think[1]:g} s; training slots: {cap}"),
             ("script runs", overall["n"], ""),
             ("latency p50 / p95 / max", _fmt(overall), f"s; goal p95 <= {P95_TARGET_S}: {common.verdict(goals['p95_latency_s'])}")]
     rows += [(f"  {kind}", _fmt(p), f"s, {p['n']} runs") for kind, p in by_kind.items()]
+    rows += [("Generate: click to the whole sample", _fmt(written), f"s, {written['n']} samples (not a script run)")]
     rows += [("errors", len(errors), f"goal 0: {common.verdict(goals['errors'])}")]
     rows += [(f"  {name}", kind, text[:100]) for name, kind, text in errors[:5]]
     rows += [("trainings finished", f"{finished} of {len(trainings)}", f"{common.verdict(goals['trainings_finished'])}")]

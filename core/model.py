@@ -368,8 +368,9 @@ class KVCache:
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """F.scaled_dot_product_attention, kept in float32 on a CPU under autocast: there the
-    bfloat16 kernel trains 4.6x slower than the float32 one (benchmarks/README.md)."""
+    """F.scaled_dot_product_attention, kept in float32 on a CPU under autocast: there its
+    bfloat16 kernel is the slow part (plain autocast made nanoGPT's loop 0.74x as fast; with
+    attention in float32 the trainer is 1.33x: benchmarks/README.md, goal 1)."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)

@@ -13,7 +13,7 @@ import contextlib
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import pandas as pd
 import torch

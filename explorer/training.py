@@ -1,5 +1,5 @@
 """What the Train view needs besides widgets: the instructor's caps, the recipes, turning the
-form's settings into a Trainer, the server-wide queue, and one runner per browser session.
+form's settings into a Trainer, and the server-wide queue.
 
 Caps are environment variables, read when the server starts (see the README's "Running a
 workshop"):
@@ -19,7 +19,7 @@ import torch
 from core import GPT, CharTokenizer, GPTConfig
 from core.data import Corpus, load_shakespeare
 from core.trainer import TrainConfig, Trainer
-from explorer.runner import TrainingRunner, TrainingSlots
+from explorer.runner import TrainingSlots
 
 PROBE = "First Citizen:\nBefore we proceed any further, hear me speak."
 
@@ -154,22 +154,3 @@ def probe_ids(corpus: Corpus, block_size: int) -> list[int]:
 def training_slots(capacity: int) -> TrainingSlots:
     """The server-wide queue: one for every session (keyed by its capacity)."""
     return TrainingSlots(capacity)
-
-
-class RunnerBox:
-    """Holds this browser session's runner, if any; emptied by Reset."""
-
-    def __init__(self):
-        self.runner: TrainingRunner | None = None
-        self.published = 0  # how many finished results were already offered to the other views
-
-    def stop(self) -> None:
-        if self.runner is not None:
-            self.runner.stop()
-
-
-@st.cache_resource(scope="session", max_entries=1, on_release=RunnerBox.stop)
-def session_box() -> RunnerBox:
-    """This browser session's box. When the session ends, Streamlit releases it and the
-    training thread is asked to stop (on the server's event loop: set a flag, never join)."""
-    return RunnerBox()

@@ -11,6 +11,7 @@ import streamlit as st
 import torch
 
 from core.data import DATA_ENV
+from explorer.state import PRETRAINED_ENV
 from helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,10 +54,21 @@ def tiny_checkpoint(tmp_path_factory, shakespeare) -> Path:
 
 
 @pytest.fixture
+def pretrained(tiny_checkpoint, monkeypatch) -> Path:
+    """The app lists the tiny trained model (and only it). AppTest gives every app the same
+    session id: clearing the session caches before and after keeps tests from seeing each
+    other's background threads (and stops them)."""
+    monkeypatch.setenv(PRETRAINED_ENV, str(tiny_checkpoint.parent))
+    st.cache_resource.clear()
+    yield tiny_checkpoint
+    st.cache_resource.clear()
+
+
+@pytest.fixture
 def app_server(tiny_checkpoint, monkeypatch):
     """The app's server as a test of sessions needs it: the tiny model listed, no runners and no
     queue; afterwards, no training thread left behind."""
-    monkeypatch.setenv("GPT_EXPLORER_PRETRAINED", str(tiny_checkpoint.parent))
+    monkeypatch.setenv(PRETRAINED_ENV, str(tiny_checkpoint.parent))
     before = threading.active_count()
     st.cache_resource.clear()
     yield

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from streamlit.runtime.caching import cache_resource_api
+from streamlit.testing.v1 import AppTest
 
 from core import GPT, GPTConfig
 
@@ -39,7 +40,7 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02) -> bool:
 
 @contextmanager
 def as_session(session_id: str):
-    """Make session-scoped caches (each session's runner box) see this session id: AppTest gives
+    """Make session-scoped caches (each session's threads) see this session id: AppTest gives
     every instance the same one."""
     original = cache_resource_api.get_session_id_or_throw
     cache_resource_api.get_session_id_or_throw = lambda: session_id
@@ -64,3 +65,16 @@ def _decode(obj):
     if isinstance(obj, list):
         return [_decode(v) for v in obj]
     return obj
+
+
+def rerun_until(at: AppTest, condition, session: str = "test session id", timeout: float = 60) -> bool:
+    """AppTest never fires run_every: rerun (which reruns fragments inline) until condition(at)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with as_session(session):
+            at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        if condition(at):
+            return True
+        time.sleep(0.2)
+    return False

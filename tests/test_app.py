@@ -3,12 +3,15 @@ shown, the figures hold what they claim, and bad input gets a message, never a t
 
 import math
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import streamlit as st
 import torch
+from streamlit.runtime import caching
 from streamlit.testing.v1 import AppTest
 
 from core import GPT, GPTConfig, PRESETS, visible
@@ -19,17 +22,10 @@ from explorer import figures
 from explorer.app import GIL_SWITCH_S, PAGES
 from explorer.state import PRETRAINED_ENV, guess_stage
 from explorer.ui import DEFAULT_PROMPT
-from helpers import figure, tiny_model
+from helpers import figure, rerun_until, tiny_model, wait_for
 
 APP = Path(__file__).resolve().parent.parent / "explorer" / "app.py"
 TICK, CROSS = ":green[:material/check_circle:]", ":red[:material/cancel:]"
-
-
-@pytest.fixture
-def pretrained(tiny_checkpoint, monkeypatch) -> Path:
-    """The app lists the tiny trained model (and only it)."""
-    monkeypatch.setenv(PRETRAINED_ENV, str(tiny_checkpoint.parent))
-    return tiny_checkpoint
 
 
 @pytest.fixture
@@ -240,22 +236,81 @@ def test_model_card_stage_is_guessed_from_the_switches(preset):
     assert guess_stage(GPTConfig.from_preset(preset, vocab_size=65)) == preset
 
 
+def generate(at: AppTest) -> AppTest:
+    """Click Generate, then rerun until the sample is written (the page polls a thread)."""
+    at.button(key="sample_generate").click().run()
+    assert rerun_until(at, lambda at: "sample_stop" not in keys(at.button)), "the sample never finished"
+    return at
+
+
+def keys(widgets) -> list[str]:
+    return [w.key for w in widgets]
+
+
 def test_sample_streams_then_shows_odds_and_attention(pretrained):
     at = start("sample")
     at.slider(key="sample_length").set_value(20).run()
     at.slider(key="sample_temperature").set_value(0.0).run()
-    at.button(key="sample_generate").click().run()
-    assert not at.exception
-    text = at.code[0].value
-    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 20
-    result = at.session_state["sample_result"]
-    assert result.new_ids == [int(p.argmax()) for p in result.probs]  # temperature 0 is greedy
+    text = generate(at).code[0].value
+    ckpt = load_checkpoint(pretrained)
+    prompt = torch.tensor([ckpt.tokenizer.encode("ROMEO:")])
+    assert text == ckpt.tokenizer.decode(ckpt.model.generate(prompt, 20, temperature=0)[0].tolist())  # greedy
     odds = figure(at, 0)["data"][0]
     assert odds["marker"]["color"][0] != odds["marker"]["color"][1]  # greedy: the top bar was drawn
     np.testing.assert_allclose(heat(at, 1).sum(1), 1, atol=1e-5)  # each head's row of weights
     at.select_slider(key="sample_pick").set_value(0).run()
     assert figure(at, 0)["layout"]["title"]["text"].startswith("Character 0")
     assert at.code[0].value == text  # picking a character does not sample again
+
+
+@pytest.fixture
+def slow_sampling(monkeypatch):
+    """Every character takes 50 ms, so a sample outlasts a script run."""
+    stream = GPT.generate_stream
+
+    def slow(self, *args, **kwargs):
+        for out in stream(self, *args, **kwargs):
+            time.sleep(0.05)
+            yield out
+
+    monkeypatch.setattr(GPT, "generate_stream", slow)
+
+
+def test_a_sample_is_written_by_a_thread_and_can_be_stopped(pretrained, slow_sampling):
+    at = start("sample")
+    at.slider(key="sample_length").set_value(200).run()  # 10 s at 50 ms a character
+    began = time.monotonic()
+    at.button(key="sample_generate").click().run()
+    assert time.monotonic() - began < 5 and "sample_stop" in keys(at.button)  # the run did not wait for it
+    at.slider(key="sample_temperature").set_value(0.5).run()  # another click: the sample goes on
+    assert rerun_until(at, lambda at: len(at.code[0].value) > len("ROMEO:") + 5)
+    at.button(key="sample_stop").click().run()
+    assert rerun_until(at, lambda at: "sample_pick" in keys(at.select_slider))
+    written = len(at.code[0].value) - len("ROMEO:")
+    assert 5 < written < 200 and not at.exception
+
+
+def test_a_closed_tab_stops_its_sample(pretrained, slow_sampling):
+    def sampling() -> bool:
+        return any(t.name == "gpt-explorer-sample" for t in threading.enumerate())
+
+    at = start("sample")
+    at.button(key="sample_generate").click().run()
+    assert sampling()
+    caching.clear_session_resource_cache("test session id")  # what the server does when a tab closes
+    assert wait_for(lambda: not sampling(), timeout=5)
+
+
+def test_a_sample_that_fails_shows_why_and_the_app_stays_up(pretrained, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("out of memory")
+        yield
+
+    monkeypatch.setattr(GPT, "generate_stream", broken)
+    at = generate(start("sample"))
+    assert "Sampling failed: RuntimeError: out of memory" in texts(at.error)
+    at.switch_page("views/attention.py").run()
+    assert not at.exception and at.get("plotly_chart")
 
 
 def test_trick_versions_agree(pretrained):

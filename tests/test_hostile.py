@@ -35,22 +35,17 @@ from core.checkpoint import CheckpointError, load_checkpoint, paths, save_checkp
 from core.convert import PlainUnpickler
 from core.trainer import Trainer
 from explorer import training
+from explorer.session import session_threads
 from explorer.state import PRETRAINED_ENV, pretrained_paths
-from helpers import as_session, tiny_model, wait_for
-from test_app import heat, set_prompt, start, texts
+from helpers import as_session, rerun_until, tiny_model, wait_for
+from test_app import generate, heat, set_prompt, start, texts
 from test_checkpoint import VOCAB, Payload
-from test_train_view import TEXT, click, rerun_until, step
+from test_train_view import TEXT, click, step
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "explorer" / "app.py"
 BINARY, JSON = "application/octet-stream", "application/json"
 NOISE = random.Random(0).randbytes(4096)  # random bytes, the same in every run
-
-
-@pytest.fixture
-def pretrained(tiny_checkpoint, monkeypatch) -> Path:
-    monkeypatch.setenv(PRETRAINED_ENV, str(tiny_checkpoint.parent))
-    return tiny_checkpoint
 
 
 # Checkpoints uploaded in the sidebar --------------------------------------------------------------
@@ -165,8 +160,7 @@ def test_a_100k_character_prompt_is_cropped_for_attention_and_sampling(pretraine
     at.switch_page("views/sample.py").run()
     set_prompt(at, prompt, key="sample_prompt")
     at.slider(key="sample_length").set_value(5).run()
-    at.button(key="sample_generate").click().run()
-    assert not at.exception and len(at.code[0].value) == 32 + 5
+    assert not generate(at).exception and len(at.code[0].value) == 32 + 5
 
 
 def test_thousands_of_distinct_unknown_characters_get_a_short_message(pretrained):
@@ -379,7 +373,7 @@ def come_and_go(n: int) -> list[weakref.ref]:
     for i, session in enumerate(ids):
         at = click(open_session(session), "train_start", session)
         with as_session(session):
-            trainers.append(weakref.ref(training.session_box().runner.trainer))
+            trainers.append(weakref.ref(session_threads().runner.trainer))
         if i % 3 == 0:
             click(at, "train_stop", session)
     for session in ids:

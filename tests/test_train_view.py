@@ -6,14 +6,13 @@ switch the id that session-scoped caches see before each run (`as_session`).
 """
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from streamlit.runtime import caching
 from streamlit.testing.v1 import AppTest
 
-from helpers import as_session, figure, wait_for
+from helpers import as_session, figure, rerun_until, wait_for
 
 APP = Path(__file__).resolve().parent.parent / "explorer" / "app.py"
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
@@ -44,19 +43,6 @@ def click(at: AppTest, key: str, session: str = "test session id") -> AppTest:
         at.button(key=key).click().run()
     assert not at.exception, [e.value for e in at.exception]
     return at
-
-
-def rerun_until(at: AppTest, condition, session: str = "test session id", timeout: float = 60) -> bool:
-    """AppTest never fires run_every: rerun (which reruns fragments inline) until condition(at)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with as_session(session):
-            at.run()
-        assert not at.exception, [e.value for e in at.exception]
-        if condition(at):
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def step(at: AppTest) -> int:
@@ -107,6 +93,31 @@ def test_stop_then_resume():
     assert not at.button(key="train_resume").disabled
     click(at, "train_resume")
     assert rerun_until(at, lambda a: step(a) >= stopped + 20)
+    click(at, "train_stop")
+
+
+def test_the_snapshot_slider_follows_the_newest_until_an_older_one_is_picked():
+    at = open_train(max_iters=5000)
+    click(at, "train_start")
+
+    def snapshots(a) -> list[int]:
+        sliders = [w for w in a.select_slider if w.key == "train_snapshot"]
+        return [int(o) for o in sliders[0].options] if sliders else []
+
+    def more_than(n: int) -> bool:
+        return rerun_until(at, lambda a: len(snapshots(a)) > n)
+
+    assert more_than(2)
+    assert at.select_slider(key="train_snapshot").value == snapshots(at)[-1]
+    first = snapshots(at)[0]
+    with as_session("test session id"):
+        at.select_slider(key="train_snapshot").set_value(first).run()
+    assert more_than(len(snapshots(at)))
+    assert at.select_slider(key="train_snapshot").value == first  # held while newer ones arrive
+    with as_session("test session id"):
+        at.select_slider(key="train_snapshot").set_value(snapshots(at)[-1]).run()
+    assert more_than(len(snapshots(at)))
+    assert at.select_slider(key="train_snapshot").value == snapshots(at)[-1]  # the right end follows again
     click(at, "train_stop")
 
 

@@ -1,7 +1,5 @@
 """Sample: the model writes one character at a time; for each one, see its odds and what it looked at."""
 
-from dataclasses import dataclass
-
 import numpy as np
 import streamlit as st
 import torch
@@ -10,18 +8,11 @@ from core import visible
 from core.checkpoint import Checkpoint
 from core.lens import run_with_cache
 from explorer import figures, state, ui
-from explorer.ui import Prompt
+from explorer.sampling import Sample, SampleJob
+from explorer.session import session_threads
 
-RESULT = "sample_result"  # session key: the last Sample
 TOP_CHARS = 15
-
-
-@dataclass
-class Sample:
-    model: str  # the picker's label of the model that wrote it
-    prompt_ids: list[int]
-    new_ids: list[int]
-    probs: np.ndarray  # (n, vocab): the distribution each new character was drawn from
+POLL_S = 0.5  # how often the page shows the characters written so far
 
 
 def sample_view() -> None:
@@ -35,28 +26,43 @@ def sample_view() -> None:
     top_k = k_col.number_input("Top-k (0: off)", 0, ckpt.model.config.vocab_size, 0, key="sample_top_k")
     top_p = p_col.slider("Top-p (1: off)", 0.05, 1.0, 1.0, step=0.05, key="sample_top_p")
     seed = int(seed_col.number_input("Seed", value=0, step=1, key="sample_seed"))
-    out = st.empty()  # the text streams in here
+    threads = session_threads()
     if prompt is not None and st.button("Generate", type="primary", key="sample_generate"):
+        if threads.sample is not None:
+            threads.sample.stop()  # a new Generate replaces one still writing
         settings = dict(temperature=temperature, top_k=int(top_k) or None, top_p=top_p,
                         generator=torch.Generator().manual_seed(seed))
-        st.session_state[RESULT] = generate(ckpt, prompt, length, settings, out)
-    result = st.session_state.get(RESULT)
-    if result is None or result.model != st.session_state.get(state.MODEL):
+        threads.sample = SampleJob(ckpt.model, st.session_state.get(state.MODEL), prompt.ids, length, settings)
+    job = threads.sample
+    if job is None or job.label != st.session_state.get(state.MODEL):
         return
-    out.code(ckpt.tokenizer.decode(result.prompt_ids + result.new_ids), language=None, wrap_lines=True)
-    inspect_character(ckpt, result)
+    if job.alive:
+        writing(job, ckpt)
+        return
+    if job.error:
+        st.error(job.error)
+        return
+    result = job.result()
+    show_text(ckpt, result)
+    if result.new_ids:
+        inspect_character(ckpt, result)
 
 
-def generate(ckpt: Checkpoint, prompt: Prompt, length: int, settings: dict, out) -> Sample:
-    """Sample with model.generate_stream, writing each character into `out` as it arrives."""
-    text = ckpt.tokenizer.decode(prompt.ids)
-    new, probs = [], []
-    for token, p in ckpt.model.generate_stream(torch.tensor([prompt.ids]), length, **settings):
-        new.append(int(token))
-        probs.append(p[0].numpy())
-        text += ckpt.tokenizer.itos[new[-1]]
-        out.code(text, language=None, wrap_lines=True)
-    return Sample(st.session_state.get(state.MODEL), prompt.ids, new, np.stack(probs))
+def writing(job: SampleJob, ckpt: Checkpoint) -> None:
+    """The text so far, polled while the job writes; one full rerun when it ends."""
+
+    @st.fragment(run_every=POLL_S)
+    def poll() -> None:
+        if not job.alive:
+            st.rerun(scope="app")
+        st.button("Stop", key="sample_stop", on_click=job.stop)
+        show_text(ckpt, job.result())
+
+    poll()
+
+
+def show_text(ckpt: Checkpoint, result: Sample) -> None:
+    st.code(ckpt.tokenizer.decode(result.prompt_ids + result.new_ids), language=None, wrap_lines=True)
 
 
 def inspect_character(ckpt: Checkpoint, result: Sample) -> None:

@@ -14,13 +14,15 @@ from core.data import DataError, check_length, text_from_bytes
 from core.lens import head_stats
 from explorer import figures, state, ui
 from explorer.runner import TrainingRunner
+from explorer.session import session_threads
 from explorer.training import (RECIPES, Settings, count_params, make_trainer, ms_per_step, probe_ids,
-                               read_limits, session_box, training_slots)
+                               read_limits, training_slots)
 
 SOURCES = ("Tiny Shakespeare", "Upload a .txt file", "Paste text")
 LEARNING_RATES = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0, 10.0)  # the last ones diverge, on purpose
 K = "train_"  # widget keys of this view
 ERROR = K + "error"
+HELD = K + "snapshot_held"  # the user picked an older snapshot: stop following the newest
 
 
 def train_view() -> None:
@@ -28,7 +30,7 @@ def train_view() -> None:
     limits, problems = read_limits()
     for problem in problems:
         st.warning(f"Server setting ignored: {problem}")
-    box = session_box()
+    box = session_threads()
     if box.runner is None:
         setup(limits)
     else:
@@ -143,7 +145,7 @@ def start(limits) -> None:
     except ValueError as e:
         st.session_state[ERROR] = f"Cannot start: {e}"
         return
-    box = session_box()
+    box = session_threads()
     probe = probe_ids(trainer.corpus, trainer.config.block_size)
     box.runner = TrainingRunner(trainer, training_slots(limits.max_trainings), probe_ids=probe,
                                 sample_every=max(100, trainer.train_config.eval_interval))
@@ -188,8 +190,9 @@ def controls(runner: TrainingRunner, status: str) -> None:
 
 
 def reset() -> None:
-    box = session_box()
-    box.stop()
+    box = session_threads()
+    if box.runner is not None:
+        box.runner.stop()
     box.runner = None
 
 
@@ -212,7 +215,12 @@ def heads(runner: TrainingRunner, snapshots: list[tuple[int, np.ndarray]]) -> No
     """The probe prompt's attention at each snapshot, and each head's statistics over training."""
     st.subheader("How the heads form")
     iters = [it for it, _ in snapshots]
-    chosen = st.select_slider("Snapshot at step", iters, value=iters[-1], key=K + "snapshot") if len(iters) > 1 else iters[0]
+    chosen = iters[0]
+    if len(iters) > 1:
+        if not st.session_state.get(HELD) or st.session_state.get(K + "snapshot") not in iters:
+            st.session_state[K + "snapshot"] = iters[-1]  # follow the newest snapshot as it arrives
+        chosen = st.select_slider("Snapshot at step", iters, key=K + "snapshot", on_change=hold_snapshot,
+                                  args=(iters[-1],), help="Move it back to the right end to follow the newest.")
     pattern = dict(snapshots)[chosen].astype(np.float32)
     st.caption("Softmax weights of every head (rows: layers) for a fixed prompt. A head that lights up the "
                "diagonal just below the main one looks at the previous character.")
@@ -225,6 +233,11 @@ def heads(runner: TrainingRunner, snapshots: list[tuple[int, np.ndarray]]) -> No
     with right:
         ui.chart(figures.head_lines(np.array(iters), stats["prev_char"].numpy(),
                                     "Weight on the previous character", "weight"), "head_prev_char")
+
+
+def hold_snapshot(newest: int) -> None:
+    """An older snapshot picked stays on screen; the right end follows the training again."""
+    st.session_state[HELD] = st.session_state[K + "snapshot"] != newest
 
 
 def results(box) -> None:
