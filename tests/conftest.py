@@ -72,5 +72,5 @@ def app_server(tiny_checkpoint, monkeypatch):
     before = threading.active_count()
     st.cache_resource.clear()
     yield
-    st.cache_resource.clear()  # releases every session's box: their runners are asked to stop
+    st.cache_resource.clear()  # releases every session's threads: they are asked to stop
     assert wait_for(lambda: threading.active_count() <= before, timeout=30)
