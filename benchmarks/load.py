@@ -388,7 +388,8 @@ def summarise(sessions, errors, latencies, memory, cpu, args, cap) -> tuple[list
              "trainings_finished": common.goal(finished, len(trainings), True)}
     result = dict(benchmark="load", machine=common.machine(), viewers=args.viewers, trainers=args.trainers,
                   duration_s=args.duration, steps=args.steps, think_s=args.think, training_slots=cap,
-                  latency_s=overall, latency_by_kind_s=by_kind, sample_written_s=written, errors=len(errors), error_samples=errors[:10],
+                  latency_s=overall, latency_by_kind_s=by_kind, sample_written_s=written, errors=len(errors),
+                  error_samples=errors[:10],
                   trainings=per_training, trainings_finished=finished, server=dict(**memory, **cpu), goals=goals)
     rows = [("sessions", f"{args.viewers} + {args.trainers}", f"viewers + trainers, {args.duration:.0f} s, "
              f"think {args.think[0]:g}-{args.think[1]:g} s; training slots: {cap}"),

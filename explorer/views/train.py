@@ -14,7 +14,7 @@ from core.data import DataError, check_length, text_from_bytes
 from core.lens import head_stats
 from explorer import figures, state, ui
 from explorer.runner import TrainingRunner
-from explorer.session import session_threads
+from explorer.session import SessionThreads, session_threads
 from explorer.training import (RECIPES, Settings, count_params, make_trainer, ms_per_step, probe_ids,
                                read_limits, training_slots)
 
@@ -30,12 +30,12 @@ def train_view() -> None:
     limits, problems = read_limits()
     for problem in problems:
         st.warning(f"Server setting ignored: {problem}")
-    box = session_threads()
-    if box.runner is None:
+    threads = session_threads()
+    if threads.runner is None:
         setup(limits)
     else:
-        progress(box.runner, training_slots(limits.max_trainings).capacity)
-        results(box)
+        progress(threads.runner, training_slots(limits.max_trainings).capacity)
+        results(threads)
 
 
 # Before a run: the form ---------------------------------------------------------------------
@@ -145,12 +145,12 @@ def start(limits) -> None:
     except ValueError as e:
         st.session_state[ERROR] = f"Cannot start: {e}"
         return
-    box = session_threads()
+    threads = session_threads()
     probe = probe_ids(trainer.corpus, trainer.config.block_size)
-    box.runner = TrainingRunner(trainer, training_slots(limits.max_trainings), probe_ids=probe,
+    threads.runner = TrainingRunner(trainer, training_slots(limits.max_trainings), probe_ids=probe,
                                 sample_every=max(100, trainer.train_config.eval_interval))
-    box.published = 0
-    box.runner.start()
+    threads.published = 0
+    threads.runner.start()
 
 
 # During and after a run -----------------------------------------------------------------------
@@ -190,10 +190,10 @@ def controls(runner: TrainingRunner, status: str) -> None:
 
 
 def reset() -> None:
-    box = session_threads()
-    if box.runner is not None:
-        box.runner.stop()
-    box.runner = None
+    threads = session_threads()
+    if threads.runner is not None:
+        threads.runner.stop()
+    threads.runner = None
 
 
 def status_line(runner: TrainingRunner, p, capacity: int) -> None:
@@ -240,18 +240,18 @@ def hold_snapshot(newest: int) -> None:
     st.session_state[HELD] = st.session_state[K + "snapshot"] != newest
 
 
-def results(box) -> None:
+def results(threads: SessionThreads) -> None:
     """Once stopped or finished: offer the model to the other views and as a download."""
-    runner = box.runner
+    runner = threads.runner
     p = runner.snapshot()
     if runner.alive or p.iters == 0 or runner.trainer.diverged:
         return
     trainer = runner.trainer
     name = f"{state.guess_stage(trainer.config)} · {p.iters} steps"
-    if box.published != p.iters:
+    if threads.published != p.iters:
         state.add_trained_model(name, Checkpoint(runner.model_copy(), trainer.corpus.tokenizer, trainer.train_config,
                                                  trainer.record, name))
-        box.published = p.iters
+        threads.published = p.iters
         st.rerun()  # the sidebar was drawn before this: draw it again with the new model listed
     st.subheader("Your model")
     st.markdown(f"**{name}** is now in the sidebar's model list: open Attention, Activations or Sample to look "
