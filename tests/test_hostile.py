@@ -386,13 +386,16 @@ def test_sessions_that_come_and_go_leave_no_threads_or_memory(app_server, monkey
     threads = threading.active_count()  # a thread of an earlier test may still be ending: at most this many
     come_and_go(10)  # the first round warms up: imports, caches, the allocator's pools
     assert wait_for(lambda: threading.active_count() <= threads)
-    baseline = live_rss_mb()
-    trainers = come_and_go(10)
-    assert wait_for(lambda: threading.active_count() <= threads), threading.enumerate()
+    rss, trainers = [live_rss_mb()], []
+    for _ in range(2):  # a leak grows every round; the allocator's noise does not
+        trainers += come_and_go(10)
+        assert wait_for(lambda: threading.active_count() <= threads), threading.enumerate()
+        rss.append(live_rss_mb())
     # Ten trainers kept by mistake hold 140 MB or more (172 MB, measured with runners kept on
-    # purpose); rounds that keep nothing moved it by -4 to +17 MB.
-    grown = live_rss_mb() - baseline
-    assert grown < 50, f"RSS grew by {grown:.0f} MB"
+    # purpose); rounds that keep nothing moved it by -9 to +17 MB, once (in 1 of 4 full runs of
+    # the suite) by +87 MB.
+    grown = [after - before for before, after in zip(rss, rss[1:])]
+    assert min(grown) < 50, f"RSS grew by {grown[0]:.0f} MB, then {grown[1]:.0f} MB"
     assert not [t for t in trainers if t() is not None]
 
 
