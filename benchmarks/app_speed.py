@@ -26,9 +26,9 @@ from core import GPT, CharTokenizer, GPTConfig
 from core.checkpoint import save_checkpoint
 from core.data import Corpus
 from core.trainer import Trainer
-from explorer.runner import TrainingRunner, TrainingSlots
-from explorer.state import PRETRAINED_ENV
-from explorer.training import Settings, probe_ids
+from explorer.glue.sidebar import PRETRAINED_ENV
+from explorer.offpage.recipes import Settings, probe_ids
+from explorer.offpage.training_run import TrainingRunner, TrainingSlots
 
 APP = Path(__file__).resolve().parent.parent / "explorer" / "app.py"
 VIEW_TARGET_S = 1.0
@@ -65,8 +65,8 @@ def attention_view(text: str, reruns: int, profile: bool, settle: float) -> dict
     torch.set_num_threads(threads)
     sizes = [len(spec.encode()) / 1e6 for spec in specs]
     grid = next(size for spec, size in zip(specs, sizes) if GRID_TITLE in spec)
-    return dict(prompt_chars=256, run_s=timings.median("run"), new_prompt_s=timings.median("new_prompt"), grid_mb=grid, largest_mb=max(sizes),
-                figures_mb=sum(sizes), n_figures=len(sizes), hot_spots=hot_spots, timings=timings)
+    return dict(prompt_chars=256, run_s=timings.median("run"), new_prompt_s=timings.median("new_prompt"), grid_mb=grid,
+                largest_mb=max(sizes), figures_mb=sum(sizes), n_figures=len(sizes), hot_spots=hot_spots, timings=timings)
 
 
 def _profile_one_run(at) -> str:

@@ -7,15 +7,14 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from core.data import load_shakespeare
-
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET = 0.1  # a measurement counts as quiet when other processes used under 10% of the CPU
@@ -43,7 +42,7 @@ def machine() -> dict:
     flags = _read("/proc/cpuinfo")
     isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f} " in flags]
     return dict(cpu=cpu, isa=isa, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                python=platform.python_version(), date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 load_avg_1m=os.getloadavg()[0])
 
 

@@ -13,7 +13,7 @@ import torch
 from benchmarks import common
 from benchmarks.reference import lecture_generate
 from core import GPT, GPTConfig
-from core.lens import cache_nbytes, run_with_cache
+from core.lens import cache_nbytes, is_quadratic, run_with_cache
 
 CAPTURE_TARGET = 1.5  # at most this times the fast forward
 SAMPLING_TARGET = 8.0  # at least this times the lecture's characters/s
@@ -28,7 +28,7 @@ def capture(model: GPT, rounds: int, settle: float) -> dict:
                                     settle)
     _, cache = run_with_cache(model, idx)
     total = cache_nbytes(cache)
-    quadratic = cache_nbytes({n: t for n, t in cache.items() if n.endswith(("hook_attn_scores", "hook_pattern"))})
+    quadratic = cache_nbytes({n: t for n, t in cache.items() if is_quadratic(n)})
     fast, slow = timings.median("fast"), timings.median("cache")
     return dict(T=T, fast_ms=1000 * fast, cache_ms=1000 * slow, ratio=slow / fast, cache_bytes=total,
                 bytes_per_token=total / T, linear_bytes_per_token=(total - quadratic) / T,

@@ -48,7 +48,7 @@ from streamlit.proto.WidgetStates_pb2 import WidgetState
 from benchmarks import common
 from core.checkpoint import paths
 from core.data import CACHE_DIR, DATA_ENV
-from explorer.training import read_limits
+from explorer.offpage.recipes import read_limits
 
 ROOT = Path(__file__).resolve().parent.parent
 P95_TARGET_S = 2.0
@@ -170,7 +170,7 @@ class Session:
         try:
             await self._ws.send(msg.SerializeToString())
             await asyncio.wait_for(asyncio.shield(self._finished), RUN_TIMEOUT_S)
-        except (asyncio.TimeoutError, websockets.ConnectionClosed) as e:
+        except (TimeoutError, websockets.ConnectionClosed) as e:
             self.errors.append((self.name, kind, f"no script_finished: {type(e).__name__}"))
             return None
         seconds = time.perf_counter() - t0
@@ -203,9 +203,9 @@ class Session:
                 self.auto_reruns.pop(fragment_id, None)
         elif kind == "delta" and msg.delta.WhichOneof("type") == "new_element":
             self._element(msg.delta.new_element)
-        elif kind == "script_finished" and msg.script_finished in FINISHED:
-            if self._finished is not None and not self._finished.done():
-                self._finished.set_result(msg.script_finished)
+        elif (kind == "script_finished" and msg.script_finished in FINISHED and self._finished is not None
+              and not self._finished.done()):
+            self._finished.set_result(msg.script_finished)
 
     def _element(self, element) -> None:
         kind = element.WhichOneof("type")

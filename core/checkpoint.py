@@ -21,9 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors_from_bytes
 from safetensors.torch import load_file, save
 
+from .data import Corpus
 from .model import GPT, GPTConfig
 from .tokenizer import CharTokenizer
-from .data import Corpus
 from .trainer import Record, TrainConfig, Trainer
 
 FORMAT = "gpt-explorer-checkpoint"

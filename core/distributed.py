@@ -12,8 +12,8 @@ Without these variables nothing here does anything: the plain single-process pat
 """
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.distributed as dist

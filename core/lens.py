@@ -36,21 +36,33 @@ def cache_nbytes(cache: Cache) -> int:
     return sum(storages.values())
 
 
+def act_name(name: str, layer: int | None = None, part: str = "") -> str:
+    """A cached tensor's name: act_name("hook_pattern", 0, "attn") is "blocks.0.attn.hook_pattern".
+    The one place outside model.py that spells how names are built."""
+    if layer is None:
+        return name
+    return f"blocks.{layer}.{part}.{name}" if part else f"blocks.{layer}.{name}"
+
+
+def n_layers(cache: Cache) -> int:
+    """How many blocks' attention the cache holds (0 for the bigram model)."""
+    return sum(1 for name in cache if name.endswith(".attn.hook_pattern"))
+
+
 def attention_step(cache: Cache, layer: int, step: str) -> torch.Tensor:
     """One step of the attention computation of a layer, (B, H, T, T).
 
     raw: q . k^T; scaled: divided by sqrt(head_size); masked: -inf above the diagonal
     (what the model feeds to softmax); softmax: the attention weights.
     """
-    prefix = f"blocks.{layer}.attn."
-    if f"{prefix}hook_pattern" not in cache:
+    if act_name("hook_pattern", layer, "attn") not in cache:
         raise KeyError(f"the cache has no attention for layer {layer}")
     if step == "masked":
-        return cache[f"{prefix}hook_attn_scores"]
+        return cache[act_name("hook_attn_scores", layer, "attn")]
     if step == "softmax":
-        return cache[f"{prefix}hook_pattern"]
-    q = cache[f"{prefix}hook_q"].transpose(1, 2)  # (B, H, T, hs)
-    k = cache[f"{prefix}hook_k"].transpose(1, 2)
+        return pattern(cache, layer)
+    q = cache[act_name("hook_q", layer, "attn")].transpose(1, 2)  # (B, H, T, hs)
+    k = cache[act_name("hook_k", layer, "attn")].transpose(1, 2)
     raw = q @ k.transpose(-2, -1)
     if step == "raw":
         return raw
@@ -59,8 +71,39 @@ def attention_step(cache: Cache, layer: int, step: str) -> torch.Tensor:
     raise ValueError(f"step must be one of {ATTENTION_STEPS}, got {step!r}")
 
 
-def n_attention_layers(cache: Cache) -> int:
-    return sum(1 for name in cache if name.endswith(".attn.hook_pattern"))
+def pattern(cache: Cache, layer: int) -> torch.Tensor:
+    """A layer's attention weights: [batch, head, query_pos, key_pos]."""
+    return cache[act_name("hook_pattern", layer, "attn")]
+
+
+def patterns(cache: Cache, batch: int = 0) -> torch.Tensor:
+    """Every layer's attention weights for one sequence of the batch: (L, H, T, T)."""
+    return torch.stack([pattern(cache, i)[batch] for i in range(n_layers(cache))])
+
+
+def values(cache: Cache, layer: int) -> torch.Tensor:
+    """A layer's values: [batch, pos, head, d_head]."""
+    return cache[act_name("hook_v", layer, "attn")]
+
+
+def head_outputs(cache: Cache, layer: int) -> torch.Tensor:
+    """Each head's weighted sum of values (hook_z): [batch, pos, head, d_head]."""
+    return cache[act_name("hook_z", layer, "attn")]
+
+
+def mlp_post(cache: Cache, layer: int) -> torch.Tensor:
+    """A block's feed-forward units after the nonlinearity: [batch, pos, d_mlp]."""
+    return cache[act_name("hook_post", layer, "mlp")]
+
+
+def is_per_head(name: str) -> bool:
+    """Whether a cached tensor has a head axis (q, k, v, z, scores, patterns)."""
+    return name.rsplit(".", 1)[-1] in ("hook_q", "hook_k", "hook_v", "hook_z", "hook_attn_scores", "hook_pattern")
+
+
+def is_quadratic(name: str) -> bool:
+    """Whether a cached tensor grows with the square of the prompt: T x T per head."""
+    return name.endswith(("hook_attn_scores", "hook_pattern"))
 
 
 def residual_streams(cache: Cache) -> torch.Tensor:
@@ -68,7 +111,7 @@ def residual_streams(cache: Cache) -> torch.Tensor:
     n = sum(1 for name in cache if name.endswith(".hook_resid_post"))
     if n == 0:
         raise KeyError("the cache has no residual stream (the bigram model has none)")
-    return torch.stack([cache["blocks.0.hook_resid_pre"]] + [cache[f"blocks.{i}.hook_resid_post"] for i in range(n)])
+    return torch.stack([cache[act_name("hook_resid_pre", 0)]] + [cache[act_name("hook_resid_post", i)] for i in range(n)])
 
 
 @torch.no_grad()
@@ -128,7 +171,7 @@ def head_matrix(cache: Cache, name: str, head: int = 0) -> torch.Tensor:
     t = cache[name][0]
     if t.dim() == 2:
         return t
-    if name.endswith(("hook_attn_scores", "hook_pattern")):
+    if is_quadratic(name):
         return t[head]  # [head, query_pos, key_pos]
     return t[:, head]  # [pos, head, d_head]
 

@@ -5,27 +5,33 @@ Follows Andrej Karpathy's lecture "Let's build GPT: from scratch, in code, spell
 
 Notable features
 - One model class for every stage of the lecture: switches in `GPTConfig` turn on
-  self-attention, the feed-forward layer, residual connections and LayerNorm one by one,
-  and `PRESETS` names each stage (bigram ... full).
-- `model(idx, targets, cache=dict())` fills `cache` with every intermediate tensor, named
-  as TransformerLens names them (`blocks.0.attn.hook_pattern`, ...). With `cache=None`
-  attention runs the fused kernel (F.scaled_dot_product_attention); with a cache it runs
-  the lecture's explicit path (q @ k^T, scale, masked_fill with -inf, softmax). Both give
-  the same logits.
+  self-attention, the feed-forward layer, residual connections and LayerNorm one by one;
+  core.stages names each stage (bigram ... full) with its parameters exactly as the lecture's.
+- Internals in plain sight: every named point of the forward pass goes through `hooks(name, x)`.
+  `model(idx, cache={})` fills the dict with every intermediate tensor, named as TransformerLens
+  names them (`blocks.0.attn.hook_pattern`, ...); `model(idx, edits={name: fn})` changes any of
+  them on the way (knock out a head, patch in another run's activations). With neither, the
+  hooks do nothing and attention runs the fused kernel (F.scaled_dot_product_attention); with a
+  cache it runs the lecture's explicit path (q @ k^T, scale, masked_fill with -inf, softmax).
+  Both give the same logits.
 - nanoGPT's shape options (GELU, bias, tied embeddings) are switches too, so nanoGPT
   checkpoints convert to this model.
-- `generate` / `generate_stream` sample with temperature, top-k and top-p.
+- `KVCache`: keys and values of earlier positions, allocated once, with a length per row, so
+  that sampling computes only the newest position, for many rows of different lengths at once.
 """
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
-from typing import Iterator
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from .stages import PRESETS
+
 Cache = dict[str, torch.Tensor]
+Edits = dict[str, Callable[[torch.Tensor], torch.Tensor]]
 
 
 @dataclass
@@ -37,10 +43,11 @@ class GPTConfig:
     n_embd: int = 128  # C; each head gets n_embd // n_head dimensions
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorm
-    # The lecture's steps, switched on one by one (see PRESETS).
+    qkv_bias: bool = True  # biases on keys, queries and values too (nanoGPT's; the lecture's Head has none)
+    # The lecture's steps, switched on one by one (see core.stages).
     attention: bool = True  # False: the bigram model, a (vocab x vocab) lookup table
     feed_forward: bool = True  # an MLP after attention in every block
-    residual: bool = True  # skip connections, with an output projection in attention
+    residual: bool = True  # skip connections, with output projections and a 4x wider MLP
     layer_norm: bool = True  # pre-norm LayerNorm in every block and before lm_head
     # nanoGPT's shape options.
     activation: str = "relu"  # the lecture uses ReLU, nanoGPT GELU
@@ -69,6 +76,11 @@ class GPTConfig:
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def mlp_size(self) -> int:
+        """The feed-forward layer's inner size: n_embd until the residual stage makes it 4x."""
+        return 4 * self.n_embd if self.residual else self.n_embd
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -89,25 +101,45 @@ class GPTConfig:
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
-_OFF = dict(feed_forward=False, residual=False, layer_norm=False)
-# The lecture's stages, in order, with the sizes the lecture uses for each. Every preset is
-# the same GPT class with more switched on; pass overrides to compare stages at one shape.
-PRESETS: dict[str, dict] = {
-    # "The simplest baseline": each character predicts the next from a lookup table.
-    "bigram": dict(attention=False, n_layer=1, n_head=1, n_embd=32, block_size=8, **_OFF),
-    # "Self-attention": one head of size n_embd over token + position embeddings.
-    "one_head": dict(n_layer=1, n_head=1, n_embd=32, block_size=8, **_OFF),
-    # "Multi-headed self-attention": 4 heads of size 8 side by side, concatenated.
-    "multi_head": dict(n_layer=1, n_head=4, n_embd=32, block_size=8, **_OFF),
-    # "Feedforward layers": tokens think on what they gathered (communication, then computation).
-    "ffn": dict(n_layer=1, n_head=4, n_embd=32, block_size=8, feed_forward=True, residual=False, layer_norm=False),
-    # "Residual connections": a stack of 3 blocks that trains because of the skip connections.
-    "residual": dict(n_layer=3, n_head=4, n_embd=32, block_size=8, layer_norm=False),
-    # "LayerNorm": pre-norm in each block and a final LayerNorm before lm_head.
-    "layernorm": dict(n_layer=3, n_head=4, n_embd=32, block_size=8),
-    # "Scaling up the model": dropout, 6 layers, 6 heads, 384 dims, 256 characters of context.
-    "full": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
-}
+
+class Hooks:
+    """The named points of a forward pass. `hooks(name, x)` returns x, changed by `edits[name]`
+    if there is one, and records it in `cache` if there is one. `at(prefix)` gives a module the
+    same hooks under its own names ("blocks.0.attn." + "hook_z")."""
+
+    def __init__(self, cache: Cache | None = None, edits: Edits | None = None, prefix: str = ""):
+        self.cache, self.edits, self.prefix = cache, edits or {}, prefix
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        name = self.prefix + name
+        if name in self.edits:
+            x = self.edits[name](x)
+        if self.cache is not None:
+            self.cache[name] = x.detach()
+        return x
+
+    def at(self, prefix: str) -> "Hooks":
+        return Hooks(self.cache, self.edits, self.prefix + prefix)
+
+    def explicit(self) -> bool:
+        """Whether attention must compute its weights step by step: to record them or change them."""
+        return self.cache is not None or any(self.prefix + n in self.edits for n in ("hook_attn_scores", "hook_pattern"))
+
+
+class NoHooks(Hooks):
+    """The fast path: nothing recorded, nothing changed."""
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def at(self, prefix: str) -> "Hooks":
+        return self
+
+    def explicit(self) -> bool:
+        return False
+
+
+NO_HOOKS = NoHooks()
 
 
 class CausalSelfAttention(nn.Module):
@@ -120,7 +152,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.head_size = config.n_head, config.head_size
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias and config.qkv_bias)
         # The output projection back into the residual stream comes with the skip connections.
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if config.residual else nn.Identity()
         self.dropout = config.dropout
@@ -129,72 +161,77 @@ class CausalSelfAttention(nn.Module):
         # The lecture's lower-triangular mask: position t may only look at positions <= t.
         self.register_buffer("tril", torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool)), persistent=False)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, prefix: str = "",
-                kv: "LayerKV | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hooks: Hooks = NO_HOOKS, kv: "LayerKV | None" = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, self.head_size)  # (B, T, nh, hs)
-        k = k.view(B, T, self.n_head, self.head_size)
-        v = v.view(B, T, self.n_head, self.head_size)
-        if cache is not None:
-            out = self._explicit(q, k, v, cache, prefix)
-        else:
-            out = self._fused(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kv)
-        out = out.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
-        return self.resid_dropout(self.proj(out))
-
-    def _fused(self, q, k, v, kv: "LayerKV | None") -> torch.Tensor:
-        """Fast path: one kernel computes softmax(q k^T / sqrt(hs)) v under the causal mask.
-        With kv (sampling), the keys and values of earlier positions come from the cache."""
-        past = 0
-        if kv is not None:
-            if kv.k is not None:
-                past = kv.k.shape[2]
-                k, v = torch.cat([kv.k, k], dim=2), torch.cat([kv.v, v], dim=2)
-            kv.k, kv.v = k, v
-        T = q.shape[2]
-        mask = self.tril[past:past + T, :past + T] if past else None  # new queries see all of the past
-        return _attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=not past,
-        )  # (B, nh, T, hs)
-
-    def _explicit(self, q, k, v, cache: Cache, prefix: str) -> torch.Tensor:
-        """The lecture's path, step by step, recording each step."""
-        T = q.shape[1]
+        q = hooks("hook_q", q.view(B, T, self.n_head, self.head_size))  # [batch, pos, head, d_head]
+        k = hooks("hook_k", k.view(B, T, self.n_head, self.head_size))
+        v = hooks("hook_v", v.view(B, T, self.n_head, self.head_size))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+        if hooks.explicit():
+            out = self._explicit(q, k, v, hooks)
+        elif kv is not None:
+            out = self._cached(q, k, v, kv)
+        else:
+            out = _attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        z = hooks("hook_z", out.transpose(1, 2))  # each head's weighted sum of values [batch, pos, head, d_head]
+        return self.resid_dropout(self.proj(z.reshape(B, T, C)))  # heads side by side again
+
+    def _explicit(self, q, k, v, hooks: Hooks) -> torch.Tensor:
+        """The lecture's path, step by step."""
+        T = q.shape[2]
         wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # affinities (B, nh, T, T)
         wei = wei.masked_fill(~self.tril[:T, :T], float("-inf"))  # the future cannot talk to the past
-        scores = wei
-        wei = F.softmax(wei, dim=-1)  # each row sums to 1
-        pattern = wei
-        wei = self.attn_dropout(wei)
-        out = wei @ v  # weighted sum of values (B, nh, T, hs)
-        cache[f"{prefix}hook_q"] = q.transpose(1, 2).detach()  # [batch, pos, head, d_head]
-        cache[f"{prefix}hook_k"] = k.transpose(1, 2).detach()
-        cache[f"{prefix}hook_v"] = v.transpose(1, 2).detach()
-        cache[f"{prefix}hook_attn_scores"] = scores.detach()  # [batch, head, query_pos, key_pos]
-        cache[f"{prefix}hook_pattern"] = pattern.detach()
-        cache[f"{prefix}hook_z"] = out.transpose(1, 2).detach()
-        return out
+        wei = hooks("hook_attn_scores", wei)  # [batch, head, query_pos, key_pos]
+        wei = hooks("hook_pattern", F.softmax(wei, dim=-1))  # each row sums to 1
+        return self.attn_dropout(wei) @ v  # weighted sum of values (B, nh, T, hs)
+
+    def _cached(self, q, k, v, kv: "LayerKV") -> torch.Tensor:
+        """Sampling: the new positions' keys and values join the cache, and the new queries see
+        every cached position of their own row up to themselves."""
+        B, _, T, _ = q.shape
+        pos = kv.lengths[:, None] + torch.arange(T, device=q.device)  # (B, T): where each new position goes
+        rows = torch.arange(B, device=q.device)[:, None].expand(B, T)
+        kv.k[rows, :, pos] = k.transpose(1, 2).detach()  # (B, T, nh, hs) into (B, nh, block, hs); no grad for sampling
+        kv.v[rows, :, pos] = v.transpose(1, 2).detach()
+        end = int(pos.max()) + 1
+        mask = torch.arange(end, device=q.device) <= pos[..., None]  # (B, T, end): keys up to each query
+        return _attention(q, kv.k[:, :, :end], kv.v[:, :, :end], attn_mask=mask[:, None])
 
 
 class FeedForward(nn.Module):
-    """A linear layer, a nonlinearity, and a projection back: computation on each token alone."""
+    """A linear layer and a nonlinearity (the lecture's first FeedForward); from the residual
+    stage on, 4x wider and projected back: computation on each token alone."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.fc = nn.Linear(config.n_embd, config.mlp_size, bias=config.bias)
         self.act = ACTIVATIONS[config.activation]()
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.mlp_size, config.n_embd, bias=config.bias) if config.residual else nn.Identity()
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, prefix: str = "") -> torch.Tensor:
-        pre = self.fc(x)  # (B, T, 4C)
-        post = self.act(pre)
-        if cache is not None:
-            cache[f"{prefix}hook_pre"] = pre.detach()
-            cache[f"{prefix}hook_post"] = post.detach()
+    def forward(self, x: torch.Tensor, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
+        pre = hooks("hook_pre", self.fc(x))  # (B, T, mlp_size)
+        post = hooks("hook_post", self.act(pre))
         return self.dropout(self.proj(post))
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that shows what it wrote (hook_normalized)."""
+
+    def forward(self, x: torch.Tensor, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
+        return hooks("hook_normalized", super().forward(x))
+
+
+class NoNorm(nn.Identity):
+    """Where LayerNorm goes before the lecture adds it."""
+
+    def forward(self, x: torch.Tensor, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
+        return x
+
+
+def _norm(config: GPTConfig) -> nn.Module:
+    return LayerNorm(config.n_embd, bias=config.bias) if config.layer_norm else NoNorm()
 
 
 class Block(nn.Module):
@@ -203,27 +240,21 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.residual = config.residual
-        self.ln1 = nn.LayerNorm(config.n_embd, bias=config.bias) if config.layer_norm else None
+        self.ln1 = _norm(config)
         self.sa = CausalSelfAttention(config)
-        self.ln2 = nn.LayerNorm(config.n_embd, bias=config.bias) if config.layer_norm and config.feed_forward else None
+        self.ln2 = _norm(config) if config.feed_forward else None
         self.ffwd = FeedForward(config) if config.feed_forward else None
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, prefix: str = "",
-                kv: "LayerKV | None" = None) -> torch.Tensor:
-        _record(cache, f"{prefix}hook_resid_pre", x)
-        x = self._sublayer(x, self.ln1, lambda h: self.sa(h, cache, f"{prefix}attn.", kv), cache, f"{prefix}ln1.")
+    def forward(self, x: torch.Tensor, hooks: Hooks = NO_HOOKS, kv: "LayerKV | None" = None) -> torch.Tensor:
+        x = hooks("hook_resid_pre", x)
+        x = self.add(x, self.sa(self.ln1(x, hooks.at("ln1.")), hooks.at("attn."), kv))
         if self.ffwd is not None:
-            _record(cache, f"{prefix}hook_resid_mid", x)
-            x = self._sublayer(x, self.ln2, lambda h: self.ffwd(h, cache, f"{prefix}mlp."), cache, f"{prefix}ln2.")
-        _record(cache, f"{prefix}hook_resid_post", x)
-        return x
+            x = hooks("hook_resid_mid", x)
+            x = self.add(x, self.ffwd(self.ln2(x, hooks.at("ln2.")), hooks.at("mlp.")))
+        return hooks("hook_resid_post", x)
 
-    def _sublayer(self, x, ln, layer, cache, ln_prefix):
-        h = x
-        if ln is not None:
-            h = ln(x)
-            _record(cache, f"{ln_prefix}hook_normalized", h)
-        h = layer(h)
+    def add(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """x + h: the residual connection. Before the lecture adds it, h replaces x."""
         return x + h if self.residual else h
 
 
@@ -237,9 +268,8 @@ class GPT(nn.Module):
         else:
             self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
             self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
-            self.drop = nn.Dropout(config.dropout)
             self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-            self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias) if config.layer_norm else nn.Identity()
+            self.ln_f = _norm(config)
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
             if config.tie_weights:
                 self.lm_head.weight = self.token_embedding_table.weight
@@ -254,32 +284,33 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None,
-                kv: "KVCache | None" = None):
+                kv: "KVCache | None" = None, edits: Edits | None = None):
         """idx, targets: (B, T) integer tensors. Returns logits (B, T, vocab) and the loss (or None).
 
         cache: a dict to fill with every internal (the explicit attention path).
+        edits: hook name -> function that returns a replacement for that tensor (interventions).
         kv: keys and values of earlier positions (sampling); idx then holds only the new ones.
         """
         B, T = idx.shape
-        past = kv.length if kv is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence length {past + T} exceeds block_size {self.config.block_size}")
-        if cache is not None and kv is not None:
+        if kv is not None and int(kv.lengths.max()) + T > self.config.block_size:
+            raise ValueError(f"sequence length {int(kv.lengths.max()) + T} exceeds block_size {self.config.block_size}")
+        if self.config.block_size < T:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        hooks = Hooks(cache, edits) if cache is not None or edits else NO_HOOKS
+        if kv is not None and hooks.explicit():
             raise ValueError("fill a cache or use kv, not both")
         if not self.config.attention:
             logits = self.token_embedding_table(idx)  # (B, T, vocab)
         else:
-            tok_emb = self.token_embedding_table(idx)  # (B, T, C)
-            pos_emb = self.position_embedding_table(torch.arange(past, past + T, device=idx.device))  # (T, C)
-            _record(cache, "hook_embed", tok_emb)
-            _record(cache, "hook_pos_embed", pos_emb.expand(B, T, -1))
-            x = self.drop(tok_emb + pos_emb)
+            pos = torch.arange(T, device=idx.device) + (kv.lengths[:, None] if kv is not None else 0)  # (T) or (B, T)
+            tok_emb = hooks("hook_embed", self.token_embedding_table(idx))  # (B, T, C)
+            pos_emb = hooks("hook_pos_embed", self.position_embedding_table(pos).expand(B, T, -1))
+            x = tok_emb + pos_emb
             for i, block in enumerate(self.blocks):
-                x = block(x, cache, f"blocks.{i}.", kv.layers[i] if kv is not None else None)
-            x = self.ln_f(x)
-            if self.config.layer_norm:
-                _record(cache, "ln_final.hook_normalized", x)
-            logits = self.lm_head(x)  # (B, T, vocab)
+                x = block(x, hooks.at(f"blocks.{i}."), kv.layers[i] if kv is not None else None)
+            logits = self.lm_head(self.ln_f(x, hooks.at("ln_final.")))  # (B, T, vocab)
+            if kv is not None:
+                kv.lengths += T
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
@@ -335,51 +366,68 @@ class GPT(nn.Module):
             if kv is not None:
                 logits, _ = self(idx[:, -1:], kv=kv)  # only the newest position
             else:
-                kv = KVCache(self.config.n_layer) if use_kv else None
+                kv = KVCache(self, idx.shape[0]) if use_kv else None
                 logits, _ = self(idx[:, start:], kv=kv)  # the whole window
-            logits = logits[:, -1, :]  # the last position predicts the next character
-            if temperature == 0:
-                probs = F.softmax(logits, dim=-1)
-                next_tok = probs.argmax(dim=-1, keepdim=True)
-            else:
-                probs = F.softmax(_filter_logits(logits / temperature, top_k, top_p), dim=-1)
-                next_tok = torch.multinomial(probs, num_samples=1, generator=generator)
+            next_tok, probs = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_tok], dim=1)
             yield next_tok, probs
 
 
 @dataclass
 class LayerKV:
-    """One layer's keys and values of the positions seen so far, each (B, nh, T_seen, hs)."""
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
+    """One layer's keys and values: (B, nh, block_size, hs) buffers, and each row's length (B,)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    lengths: torch.Tensor
 
 
 class KVCache:
-    """Keys and values of every layer, so that sampling computes only the newest position."""
+    """Keys and values of every layer for `batch` rows of up to block_size positions, allocated
+    once; `lengths[b]` positions of row b are filled. The model's forward writes the new
+    positions and advances the lengths."""
 
-    def __init__(self, n_layer: int):
-        self.layers = [LayerKV() for _ in range(n_layer)]
+    def __init__(self, model: GPT, batch: int):
+        c = model.config
+        param = next(model.parameters())
+        k = torch.zeros((c.n_layer, batch, c.n_head, c.block_size, c.head_size), device=param.device, dtype=param.dtype)
+        self._hold(k, torch.zeros_like(k), torch.zeros(batch, dtype=torch.long, device=param.device))
+
+    def _hold(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.k, self.v, self.lengths = k, v, lengths  # k, v: (n_layer, B, nh, block_size, hs)
+        self.layers = [LayerKV(k[i], v[i], lengths) for i in range(k.shape[0])]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows start..stop as a cache of their own that shares this one's memory: a forward on
+        it (one request's prompt, say) fills those rows here."""
+        view = KVCache.__new__(KVCache)
+        view._hold(self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop])
+        return view
 
     @property
     def length(self) -> int:
-        k = self.layers[0].k
-        return 0 if k is None else k.shape[2]
+        """The longest row's filled positions."""
+        return int(self.lengths.max())
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row (B, 1) from its last logits (B, vocab), and the distribution it
+    was drawn from. temperature 0 (or one so small that dividing by it overflows) is greedy."""
+    scaled = logits / temperature if temperature > 0 else None
+    if scaled is None or not torch.isfinite(scaled).all():
+        probs = F.softmax(logits, dim=-1)
+        return probs.argmax(dim=-1, keepdim=True), probs
+    probs = F.softmax(_filter_logits(scaled, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator), probs
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """F.scaled_dot_product_attention, kept in float32 on a CPU under autocast: there its
-    bfloat16 kernel is the slow part (plain autocast made nanoGPT's loop 0.74x as fast; with
-    attention in float32 the trainer is 1.33x: benchmarks/README.md, goal 1)."""
+    bfloat16 kernel is the slow part (benchmarks/README.md, goal 1)."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
-
-
-def _record(cache: Cache | None, name: str, tensor: torch.Tensor) -> None:
-    if cache is not None:
-        cache[name] = tensor.detach()
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, vocab_size):
@@ -387,7 +435,7 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, vocab_size):
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k):
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")

@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-lr", type=float, default=None, help=f"learning rate at the end of the cosine decay (default: {defaults.min_lr})")
     t.add_argument("--warmup-iters", type=int, default=None, help=f"linear warmup steps (default: {defaults.warmup_iters})")
     t.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default: {defaults.weight_decay})")
-    t.add_argument("--grad-clip", type=float, default=None, help=f"clip the gradient norm to this; 0 is off (default: {defaults.grad_clip})")
-    t.add_argument("--eval-interval", type=int, default=None, help=f"steps between loss estimates and saves (default: {defaults.eval_interval})")
+    t.add_argument("--grad-clip", type=float, default=None,
+                   help=f"clip the gradient norm to this; 0 is off (default: {defaults.grad_clip})")
+    t.add_argument("--eval-interval", type=int, default=None,
+                   help=f"steps between loss estimates and saves (default: {defaults.eval_interval})")
     t.add_argument("--eval-iters", type=int, default=None, help=f"batches per loss estimate (default: {defaults.eval_iters})")
     t.add_argument("--seed", type=int, default=None, help=f"seed for weights, batches and dropout (default: {defaults.seed})")
     # torchrun's processes on one machine share its cores.
@@ -69,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--data", help="a UTF-8 text file (default: Tiny Shakespeare, from $GPT_EXPLORER_DATA, data/ or downloaded)")
     io.add_argument("--out", default=None, help="checkpoint name, written as OUT.safetensors + OUT.json (default: runs/PRESET)")
     io.add_argument("--resume", action="store_true", help="carry on from the checkpoint at --out (needs its .state.safetensors)")
-    io.add_argument("--save-dtype", choices=list(SAVE_DTYPES), default="float32", help="precision of the saved weights (default: %(default)s)")
+    io.add_argument("--save-dtype", choices=list(SAVE_DTYPES), default="float32",
+                    help="precision of the saved weights (default: %(default)s)")
     io.add_argument("--keep-best", action="store_true",
                     help="save only when the val loss improves (small corpora overfit late in a run)")
     io.add_argument("--no-state", action="store_true", help="do not save the optimizer state (smaller, but cannot resume)")

@@ -11,9 +11,10 @@ gradients, and only rank 0 estimates the loss.
 
 import contextlib
 import math
+import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import pandas as pd
 import torch
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .data import Corpus
 from .distributed import in_process_group, mean_over_ranks, rank_and_world_size
 from .model import GPT, GPTConfig
-
+from .tokenizer import CharTokenizer
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 
@@ -121,6 +122,7 @@ class Trainer:
         self.history: list[dict] = []  # one row per step, plus eval rows
         self.stop_reason: str | None = None
         self.diverged = False  # the loss stopped being finite: the weights are lost
+        self.lock = threading.Lock()  # held while steps change the weights: hold it to copy them whole
         self._stop = threading.Event()
 
     # Driving -------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ class Trainer:
         start_iter = self.record.iters
         t0 = time.perf_counter()
         # Dropout draws from torch's global generator: seed it per step, and give it back after.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with self.lock, torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             while len(losses) < n_steps and self.record.iters < cfg.max_iters:
                 if self._stop.is_set():
                     self._stop.clear()
@@ -241,16 +243,24 @@ class Trainer:
         self.history.append(dict(iter=self.record.iters, train_loss=out["train"], val_loss=out["val"]))
         return out
 
-    def train(self, on_step=None, on_eval=None, chunk: int = 10) -> Record:
+    def train(self, on_step=None, on_eval=None, chunk: int = 10, pause_every: tuple[int, ...] = ()) -> Record:
         """Run to max_iters (or a stop), evaluating every eval_interval steps and at the end.
-        on_step(rows) and on_eval(losses) let a caller show progress."""
+
+        The one training loop: the command line, the app's live runs and the workers all drive
+        it, and watch it through callbacks (as minGPT's Trainer does). on_step(rows) comes after
+        every chunk of at most `chunk` steps; chunks also end at every multiple of each period
+        in pause_every, so a caller can sample or look inside the model there. on_eval(losses)
+        comes after each evaluation. A call after a stop carries on (Resume)."""
         cfg = self.train_config
+        if not self.diverged:
+            self.stop_reason = None  # why an earlier call stopped; this call decides anew
         if self.record.iters == 0:
             self._eval(on_eval)
         evaluated_at = self.record.iters
+        periods = [cfg.eval_interval, *(p for p in pause_every if p)]
         while not self.done:
-            to_eval = cfg.eval_interval - self.record.iters % cfg.eval_interval
-            rows = self.run(min(chunk, to_eval))
+            it = self.record.iters
+            rows = self.run(min([chunk] + [p - it % p for p in periods]))
             if on_step:
                 on_step(rows)
             # A stop may end a run between eval points, or before its first step: eval each step count once.
@@ -335,3 +345,20 @@ def _make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
+
+
+def time_step(model_config: GPTConfig, train_config: TrainConfig, budget_s: float = 0.5, steps: int = 5) -> float:
+    """Milliseconds of one real optimizer step of this shape on this machine (Trainer._step: the
+    same autocast, clipping and fused AdamW as a training), on random characters. The median of
+    up to `steps` steps after one to warm up, fewer once they take budget_s in all."""
+    chars = [chr(0x4E00 + i) for i in range(model_config.vocab_size)]  # any vocab_size distinct characters
+    ids = torch.randint(len(chars), (20 * (model_config.block_size + 1),), generator=torch.Generator().manual_seed(0))
+    corpus = Corpus("".join(chars[i] for i in ids.tolist()), model_config.block_size, CharTokenizer(chars))
+    trainer = Trainer(model_config, replace(train_config, max_iters=steps + 1), corpus)
+    trainer.run(1)
+    times, start = [], time.perf_counter()
+    while len(times) < steps and (not times or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        trainer.run(1)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)

@@ -13,10 +13,10 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts explorer/ on the path, not
 import streamlit as st  # noqa: E402
 import torch  # noqa: E402
 
-from explorer import state  # noqa: E402  (imports core, so after the path is set)
+from explorer.glue import sidebar  # noqa: E402  (imports core, so after the path is set)
 
 VIEWS = Path(__file__).parent / "views"
-GIL_SWITCH_S = 0.0005  # how long a thread may keep the GIL while another waits for it
+GIL_SWITCH_S = 0.0005  # how long a thread may keep the GIL while another waits for it (benchmarks/README.md)
 # The views, in sidebar order: (file in views/, title, icon). A new view is one more line.
 PAGES = [
     ("attention.py", "Attention", ":material/visibility:"),
@@ -43,9 +43,8 @@ def one_torch_thread() -> None:
 
 def short_gil_turns() -> None:
     """Sessions, trainings and the server share one interpreter, and a torch op gives up the GIL
-    and must win it back after every op. With Python's default 5 ms switch interval, threads
-    drawing figures kept it so long that sampling one character took 3.8 s beside three of them
-    (28 ms at 0.5 ms, while they drew as many figures): see benchmarks/README.md, Workshop load."""
+    and must win it back after every op: with Python's default 5 ms switch interval, threads
+    drawing figures starved sampling (benchmarks/README.md, Workshop load)."""
     sys.setswitchinterval(GIL_SWITCH_S)
 
 
@@ -54,7 +53,7 @@ def main() -> None:
     st.set_page_config(page_title="GPT Explorer", page_icon=":material/visibility:", layout="wide")
     page = st.navigation([st.Page(VIEWS / file, title=title, icon=icon) for file, title, icon in PAGES])
     st.sidebar.title("GPT Explorer")
-    state.model_sidebar()
+    sidebar.model_sidebar(select_new=page.title == "Train")
     page.run()
 
 

@@ -11,7 +11,7 @@ import streamlit as st
 import torch
 
 from core.data import DATA_ENV
-from explorer.state import PRETRAINED_ENV
+from explorer.glue.sidebar import PRETRAINED_ENV
 from helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from explorer.app import PAGES
-from explorer.state import PRETRAINED_ENV
+from explorer.glue.sidebar import PRETRAINED_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")

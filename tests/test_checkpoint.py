@@ -11,8 +11,18 @@ import torch
 from safetensors.torch import load_file, save, save_file
 
 from core import CharTokenizer
-from core.checkpoint import (FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, load_checkpoint_bytes,
-                             load_state, paths, resume_trainer, save_checkpoint, save_trainer)
+from core.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    CheckpointError,
+    load_checkpoint,
+    load_checkpoint_bytes,
+    load_state,
+    paths,
+    resume_trainer,
+    save_checkpoint,
+    save_trainer,
+)
 from core.data import Corpus
 from core.trainer import Record, TrainConfig, Trainer
 from helpers import tiny_config, tiny_model
@@ -186,7 +196,7 @@ CORRUPTIONS = {
                                  "record.iters must be a non-negative number"),
     "notes not a mapping": (edit_meta(lambda m: m.update(extra=["x"])), "extra notes are not a mapping"),
     "a million layers": (edit_meta(lambda m: m["model_config"].update(n_layer=1_000_000)),
-                         "it has 1,000,000 layers, the weights 30 tensors"),
+                         "it has 1,000,000 layers, the weights 28 tensors"),
     "a 100,000-character context": (edit_meta(lambda m: m["model_config"].update(block_size=100_000)),
                                     r"needs 20\.0 GB of causal masks"),
 }

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from core import convert
 from core.checkpoint import CheckpointError, load_checkpoint
-from explorer import state
+from explorer.glue import sidebar
 
 ARGS = dict(n_layer=2, n_head=2, n_embd=16, block_size=12, bias=True, vocab_size=20, dropout=0.0)
 VOCAB = list("\n !',-.:;?ABCDEFabcd")  # 20 characters, sorted
@@ -81,7 +81,7 @@ def nanogpt_logits(sd: dict, args: dict, idx: torch.Tensor) -> torch.Tensor:
 
 
 def save_like_nanogpt(path: Path, sd: dict, args: dict, prefix: str = "", **extra) -> Path:
-    """torch.save of the dict nanoGPT's train.py writes, with a real AdamW state."""
+    """torch.save of the dict nanoGPT's train.py writes, with a real AdamW sidebar."""
     params = [torch.nn.Parameter(t.clone()) for name, t in sd.items() if name != "lm_head.weight"]
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99))
     for p in params:
@@ -149,8 +149,8 @@ def test_command_line_writes_a_checkpoint_the_project_and_the_picker_open(tmp_pa
     assert loaded.tokenizer.itos == VOCAB and loaded.record.iters == 250
     assert loaded.extra["converted from"] == "nanoGPT's ckpt.pt"
     assert_same_logits(loaded.model, sd, ARGS)
-    monkeypatch.setenv(state.PRETRAINED_ENV, str(out.parent))
-    assert state.pretrained_paths() == [out.with_suffix(".json")]
+    monkeypatch.setenv(sidebar.PRETRAINED_ENV, str(out.parent))
+    assert sidebar.pretrained_paths() == [out.with_suffix(".json")]
 
     # The vocabulary from the training text: its characters, sorted, as nanoGPT's prepare.py makes it.
     text = tmp_path / "input.txt"
@@ -181,12 +181,12 @@ def test_app_upload_converts_in_memory(tmp_path):
     sd = nanogpt_state(ARGS)
     ckpt_file = FakeUpload(save_like_nanogpt(tmp_path / "ckpt.pt", sd, ARGS))
     meta_file = FakeUpload(save_meta(tmp_path / "meta.pkl", VOCAB))
-    ckpt = state.load_upload([ckpt_file, meta_file])
+    ckpt = sidebar.load_upload([ckpt_file, meta_file])
     assert ckpt.name == "nanogpt-ckpt" and ckpt.tokenizer.itos == VOCAB
     assert_same_logits(ckpt.model, sd, ARGS)
     (tmp_path / "input.txt").write_text("".join(VOCAB), encoding="utf-8")
     with pytest.raises(CheckpointError, match="ckpt.pt alone, or with its meta.pkl or its training text"):
-        state.load_upload([ckpt_file, meta_file, FakeUpload(tmp_path / "input.txt")])
+        sidebar.load_upload([ckpt_file, meta_file, FakeUpload(tmp_path / "input.txt")])
 
 
 # Refused, and nothing runs -----------------------------------------------------------------

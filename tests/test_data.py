@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.data import (DATA_ENV, SHAKESPEARE_SHA256, Corpus, DataError, download, load_shakespeare,
-                       min_text_length, shakespeare_path, text_from_bytes)
+from core.data import (
+    DATA_ENV,
+    SHAKESPEARE_SHA256,
+    Corpus,
+    DataError,
+    download,
+    load_shakespeare,
+    min_text_length,
+    shakespeare_path,
+    text_from_bytes,
+)
 
 # Finding the text --------------------------------------------------------------------------
 
@@ -177,7 +186,7 @@ def test_tiny_shakespeare_is_the_lecture_text(shakespeare):
 
 
 def test_text_from_bytes_decodes_utf8():
-    assert text_from_bytes("Ça va? 👍\n".encode("utf-8")) == "Ça va? 👍\n"
+    assert text_from_bytes("Ça va? 👍\n".encode()) == "Ça va? 👍\n"
 
 
 def test_byte_order_mark_is_stripped_only_at_the_start():

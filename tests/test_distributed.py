@@ -12,13 +12,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TINY_TEXT
 from safetensors.torch import load_file, save_file
 
-from core import distributed, trainer as trainer_module
+from core import distributed
+from core import trainer as trainer_module
 from core.checkpoint import load_checkpoint, resume_trainer, save_trainer
 from core.data import Corpus
 from core.trainer import TrainConfig, Trainer
-from conftest import TINY_TEXT
 from helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +122,7 @@ def test_resumed_ranks_draw_batches_of_their_own(corpus, tmp_path, monkeypatch):
     save_trainer(tmp_path / "ck", first)
     batches = []
     for rank in (0, 1, 1):
-        monkeypatch.setattr(trainer_module, "rank_and_world_size", lambda: (rank, 2))
+        monkeypatch.setattr(trainer_module, "rank_and_world_size", lambda rank=rank: (rank, 2))
         resumed = resume_trainer(tmp_path / "ck", corpus)
         batches.append(corpus.get_batch("train", B, None, resumed.batch_rng)[0])
     assert not torch.equal(batches[0], batches[1])

@@ -7,7 +7,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from explorer import figures, ui
+from explorer.glue import widgets
+from explorer.offpage import figures
 
 
 def causal_softmax(T: int, seed: int = 0, heads: tuple[int, ...] = ()) -> np.ndarray:
@@ -110,9 +111,9 @@ def test_scatter_labels_every_point():
 
 def test_npz_and_csv_round_trip():
     arrays = {"blocks.0.attn.hook_pattern": causal_softmax(3), "tokens": np.array([1, 2, 3])}
-    loaded = np.load(io.BytesIO(ui.npz_bytes(arrays)))
+    loaded = np.load(io.BytesIO(widgets.npz_bytes(arrays)))
     for name, a in arrays.items():
         np.testing.assert_array_equal(loaded[name], a)
-    frame = ui.matrix_frame(np.eye(2), ["0 a", "1 a"], ["0 a", "1 a"])
+    frame = widgets.matrix_frame(np.eye(2), ["0 a", "1 a"], ["0 a", "1 a"])
     back = pd.read_csv(io.StringIO(frame.to_csv()), index_col=0)
     np.testing.assert_array_equal(back.to_numpy(), np.eye(2))

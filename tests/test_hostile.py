@@ -26,21 +26,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load as load_tensors, save
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save
 from streamlit.runtime import caching
 from streamlit.testing.v1 import AppTest
+from test_app import generate, heat, set_prompt, start, texts
+from test_checkpoint import VOCAB, Payload
+from test_train_view import TEXT, click, step
 
 from core import GPTConfig
 from core.checkpoint import CheckpointError, load_checkpoint, paths, save_checkpoint
 from core.convert import PlainUnpickler
 from core.trainer import Trainer
-from explorer import training
-from explorer.session import session_threads
-from explorer.state import PRETRAINED_ENV, pretrained_paths
+from explorer.glue.session import session_threads
+from explorer.glue.sidebar import PRETRAINED_ENV, pretrained_paths
+from explorer.offpage import recipes
 from helpers import as_session, rerun_until, tiny_model, wait_for
-from test_app import generate, heat, set_prompt, start, texts
-from test_checkpoint import VOCAB, Payload
-from test_train_view import TEXT, click, step
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "explorer" / "app.py"
@@ -318,7 +319,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypat
         left_over = temp_files(tmp_path)
         saver = subprocess.Popen([sys.executable, "-c", SAVER, str(path), str(first)], cwd=ROOT)
         try:  # kill it at a random moment of a save: once its temporary files appear, within 30 ms
-            assert wait_for(lambda: paths(path)[1].exists() and temp_files(tmp_path) - left_over, 60, 0.0005)
+            assert wait_for(lambda left=left_over: paths(path)[1].exists() and temp_files(tmp_path) - left, 60, 0.0005)
             time.sleep(rng.uniform(0, 0.03))
         finally:
             saver.kill()
@@ -422,5 +423,5 @@ def test_the_server_config_fits_the_caps_and_sends_nothing_out():
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert config["browser"]["gatherUsageStats"] is False and config["runner"]["postScriptGC"] is False
     max_upload = config["server"]["maxUploadSize"] * 2**20  # Streamlit counts MiB
-    lecture_model = training.count_params(GPTConfig.from_preset("full", vocab_size=65)) * 4  # float32
-    assert lecture_model < max_upload and training.read_limits()[0].max_text_bytes <= max_upload
+    lecture_model = recipes.count_params(GPTConfig.from_preset("full", vocab_size=65)) * 4  # float32
+    assert lecture_model < max_upload and recipes.read_limits()[0].max_text_bytes <= max_upload

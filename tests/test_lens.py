@@ -6,8 +6,18 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from core.lens import (cache_nbytes, cosine_similarity, head_matrix, head_stats, layer_norm_io, layer_norms,
-                       pca_2d, residual_streams, row_entropy, run_with_cache)
+from core.lens import (
+    cache_nbytes,
+    cosine_similarity,
+    head_matrix,
+    head_stats,
+    layer_norm_io,
+    layer_norms,
+    pca_2d,
+    residual_streams,
+    row_entropy,
+    run_with_cache,
+)
 from helpers import tiny_model
 
 T = 6

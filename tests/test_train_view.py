@@ -64,7 +64,8 @@ def loss_points(at: AppTest) -> int:
 
 def test_a_tiny_run_trains_live_and_joins_the_model_picker():
     at = open_train(max_iters=400)
-    assert "parameters" in at.info[0].value and "per 100 steps" in at.info[0].value
+    assert "parameters" in at.info[0].value
+    assert rerun_until(at, lambda a: "per 100 steps" in a.info[0].value)  # timed on a thread, shown when done
     click(at, "train_start")
     assert rerun_until(at, lambda a: step(a) > 0)
     first = loss_points(at)
@@ -73,7 +74,8 @@ def test_a_tiny_run_trains_live_and_joins_the_model_picker():
     assert step(at) == 400
     picker = at.sidebar.selectbox(key="model")
     trained = [o for o in picker.options if o.endswith("(trained here)")]
-    assert trained == ["layernorm · 400 steps (trained here)"]
+    assert trained == ["layernorm run 1 (trained here)"]
+    assert picker.value == trained[0]  # chosen for its owner, who watched it on the Train view
     assert at.get("download_button")  # the checkpoint can be saved
     picker.set_value(trained[0]).run()
     at.switch_page("views/attention.py").run()

@@ -1,6 +1,7 @@
 """The training engine: learning, stopping, divergence, reproducibility, history, schedule."""
 
 import math
+import statistics
 import threading
 import time
 
@@ -8,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from core import GPTConfig
 from core.data import Corpus
 from core.lens import run_with_cache
 from core.trainer import TrainConfig, Trainer
@@ -251,3 +253,19 @@ def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(tiny_corpus, monke
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
     assert make(tiny_corpus).bf16
     assert not make(tiny_corpus, precision="float32").bf16
+
+
+def test_the_step_estimate_times_the_real_training_step(shakespeare):
+    """time_step (the Train view's estimate) against the steps of a real training of the same
+    shape, measured side by side: within 30% (the better of three tries, as machines are noisy)."""
+    from core.trainer import time_step
+    config = GPTConfig.from_preset("layernorm", vocab_size=65, n_layer=2, n_head=4, n_embd=64, block_size=64)
+    tconf = TrainConfig(batch_size=16, max_iters=1000, eval_iters=1, precision="auto")
+    corpus = Corpus(shakespeare, config.block_size)
+    ratios = []
+    for _ in range(3):
+        trainer = Trainer(config, tconf, corpus)
+        trainer.run(2)
+        real = statistics.median(r["ms_per_iter"] for r in trainer.run(8))
+        ratios.append(time_step(config, tconf) / real)
+    assert min(abs(r - 1) for r in ratios) < 0.3, ratios

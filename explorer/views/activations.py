@@ -4,12 +4,14 @@ import numpy as np
 import streamlit as st
 import torch
 
-from core import visible
+from core import lens, stage_of, visible
 from core.checkpoint import Checkpoint
 from core.lens import cosine_similarity, layer_norm_io, layer_norms, logit_lens, pca_2d, residual_streams
 from core.model import Cache
-from explorer import figures, state, ui
-from explorer.ui import Prompt
+from core.stages import first_with
+from explorer.glue import sidebar, widgets
+from explorer.glue.widgets import Prompt
+from explorer.offpage import figures
 
 TOP_NEURONS = 20  # bars for one position
 SHOWN_NEURONS = 48  # rows of the neurons x positions map
@@ -17,17 +19,17 @@ SHOWN_NEURONS = 48  # rows of the neurons x positions map
 
 def activations_view() -> None:
     st.title("Activations")
-    ckpt = state.require_checkpoint()
+    ckpt = sidebar.require_checkpoint()
     if not ckpt.model.config.attention:
         st.info("This is the bigram model, a lookup table: it has no residual stream, MLP, LayerNorm, "
                 "logit lens or position embeddings. Below is its one table: row i holds the scores of the "
                 "character that follows character i.")
         token_embeddings(ckpt)
         return
-    prompt = ui.prompt_box(ckpt)
+    prompt = widgets.prompt_box(ckpt)
     if prompt is None:
         return
-    _, cache = ui.run_prompt(ckpt, prompt)
+    _, cache = widgets.run_prompt(ckpt, prompt)
     stream, mlp, norm, lens, embeddings = st.tabs(["Residual stream", "MLP neurons", "LayerNorm", "Logit lens",
                                                    "Embeddings"])
     with stream:
@@ -47,9 +49,9 @@ def _stream_names(n_layer: int) -> list[str]:
     return ["embeddings"] + [f"block {i}" for i in range(n_layer)]
 
 
-def _missing(ckpt: Checkpoint, what: str, arrives: str) -> None:
-    stage = state.guess_stage(ckpt.model.config)
-    st.info(f"This model (stage: {stage}) has no {what}: it arrives in the lecture's {arrives} stage.")
+def _missing(ckpt: Checkpoint, what: str, part: str) -> None:
+    st.info(f"This model (stage: {stage_of(ckpt.model.config)}) has no {what}: it arrives in the lecture's "
+            f"{first_with(part)} stage.")
 
 
 def residual_norms(ckpt: Checkpoint, cache: Cache, prompt: Prompt) -> None:
@@ -60,21 +62,21 @@ def residual_norms(ckpt: Checkpoint, cache: Cache, prompt: Prompt) -> None:
     fig = figures.by_position(norms.numpy(), _stream_names(ckpt.model.config.n_layer), prompt.chars,
                               "Length ‖x‖ of the residual stream at each position", row_title="after",
                               value="norm", colorscale="Viridis")
-    ui.chart(fig, "residual_norms")
+    widgets.chart(fig, "residual_norms")
 
 
 def mlp_neurons(ckpt: Checkpoint, cache: Cache, prompt: Prompt) -> None:
     cfg = ckpt.model.config
     if not cfg.feed_forward:
-        _missing(ckpt, "feed-forward layer (MLP)", "ffn")
+        _missing(ckpt, "feed-forward layer (MLP)", "feed_forward")
         return
     left, right = st.columns([1, 3])
     layer = left.selectbox("Layer", range(cfg.n_layer), key="mlp_layer")
     with right:
-        t = ui.pick_position("Position", prompt.chars, key="mlp_position")
-    post = cache[f"blocks.{layer}.mlp.hook_post"][0]  # (T, 4C): after the nonlinearity
+        t = widgets.pick_position("Position", prompt.chars, key="mlp_position")
+    post = lens.mlp_post(cache, layer)[0]  # (T, 4C): after the nonlinearity
     top = torch.topk(post[t], k=min(TOP_NEURONS, post.shape[1]))
-    ui.chart(figures.bar_chart(top.values.numpy(), [f"n{i}" for i in top.indices.tolist()],
+    widgets.chart(figures.bar_chart(top.values.numpy(), [f"n{i}" for i in top.indices.tolist()],
                                f"The most active neurons at position {t} ('{prompt.chars[t]}'), layer {layer}",
                                x_title="neuron", y_title=f"{cfg.activation} output"), f"top_neurons_L{layer}_{t}")
     shown = post.abs().amax(0).topk(min(SHOWN_NEURONS, post.shape[1])).indices.sort().values
@@ -82,12 +84,12 @@ def mlp_neurons(ckpt: Checkpoint, cache: Cache, prompt: Prompt) -> None:
                               f"Neurons × positions, layer {layer}: the {len(shown)} most active of "
                               f"{post.shape[1]}", row_title="neuron", value="activation", zmid=0,
                               height=200 + 12 * len(shown))
-    ui.chart(fig, f"neurons_L{layer}")
+    widgets.chart(fig, f"neurons_L{layer}")
 
 
 def layer_norm(ckpt: Checkpoint, cache: Cache, prompt: Prompt) -> None:
     if not ckpt.model.config.layer_norm:
-        _missing(ckpt, "LayerNorm", "layernorm")
+        _missing(ckpt, "LayerNorm", "layer_norm")
         return
     name = st.selectbox("LayerNorm", layer_norms(cache), key="ln_name")
     before, after = (x[0] for x in layer_norm_io(cache, name))  # each (T, C)
@@ -96,7 +98,7 @@ def layer_norm(ckpt: Checkpoint, cache: Cache, prompt: Prompt) -> None:
     fig = figures.line_chart({k: v.numpy() for k, v in series.items()}, prompt.chars,
                              f"{name}: each position's mean and spread over its {before.shape[-1]} channels",
                              dashed=("mean after", "std after"))
-    ui.chart(fig, f"layernorm_{name}")
+    widgets.chart(fig, f"layernorm_{name}")
     st.caption("LayerNorm moves every position's vector to mean 0 and standard deviation 1, then applies its "
                "learned gain and bias: the dashed lines sit near what those make of 0 and 1.")
 
@@ -109,7 +111,7 @@ def logit_lens_map(ckpt: Checkpoint, cache: Cache, prompt: Prompt) -> None:
     fig = figures.by_position(best.values.numpy(), _stream_names(ckpt.model.config.n_layer), prompt.chars,
                               "The most likely next character, read after each block", row_title="read after",
                               value="probability", colorscale=figures.WEIGHTS, zmin=0, zmax=1, text=guesses)
-    ui.chart(fig, "logit_lens")
+    widgets.chart(fig, "logit_lens")
     st.caption("Each row sends the residual stream through the model's final LayerNorm and lm_head, as if "
                "the model ended there; the last row is the model's own prediction. Colour: its probability.")
 
@@ -118,7 +120,7 @@ def token_embeddings(ckpt: Checkpoint) -> None:
     table = ckpt.model.token_embedding_table.weight.detach()  # (vocab, C)
     points, share = pca_2d(table)
     labels = [visible(ch) for ch in ckpt.tokenizer.itos]
-    ui.chart(figures.scatter_2d(points.numpy(), labels, f"Token embeddings on their two main directions "
+    widgets.chart(figures.scatter_2d(points.numpy(), labels, f"Token embeddings on their two main directions "
                                 f"(PCA, {share:.0%} of the variance)", x_title="PC 1", y_title="PC 2"),
              "token_embeddings")
 
@@ -126,7 +128,7 @@ def token_embeddings(ckpt: Checkpoint) -> None:
 def position_embeddings(ckpt: Checkpoint) -> None:
     table = ckpt.model.position_embedding_table.weight.detach()  # (block_size, C)
     positions = [str(t) for t in range(table.shape[0])]
-    ui.chart(figures.heatmap(cosine_similarity(table).numpy(), positions, positions,
+    widgets.chart(figures.heatmap(cosine_similarity(table).numpy(), positions, positions,
                              "Cosine similarity of the position embeddings", x_title="position",
                              y_title="position", value="cosine", zmin=-1, zmax=1, zmid=0, height=520),
              "position_similarity")

@@ -8,8 +8,8 @@ import torch
 
 from core import CharTokenizer, visible
 from core.data import Corpus, DataError, load_shakespeare
-from explorer import state
-from explorer.lecture import context_target_pairs
+from core.trick import context_target_pairs
+from explorer.glue import sidebar
 
 
 @st.cache_resource(show_spinner="Reading Tiny Shakespeare…")
@@ -46,7 +46,7 @@ def vocabulary(corpus: Corpus) -> None:
                           "count in the text": [counts[ch] for ch in tok.itos]})
     table.index.name = "id (stoi)"
     st.dataframe(table, height=280)
-    ckpt = state.checkpoint()
+    ckpt = sidebar.checkpoint()
     if ckpt is not None and ckpt.tokenizer.itos != tok.itos:
         st.caption("The model chosen in the sidebar has another vocabulary: it was trained on other text.")
     text = st.text_input("Encode", "hii there", key="data_encode")

@@ -4,12 +4,13 @@ import numpy as np
 import streamlit as st
 import torch
 
-from core import visible
+from core import lens, visible
 from core.checkpoint import Checkpoint
 from core.lens import run_with_cache
-from explorer import figures, state, ui
-from explorer.sampling import Sample, SampleJob
-from explorer.session import session_threads
+from explorer.glue import sidebar, widgets
+from explorer.glue.session import session_threads
+from explorer.offpage import figures
+from explorer.offpage.sample_job import Sample, SampleJob
 
 TOP_CHARS = 15
 POLL_S = 0.5  # how often the page shows the characters written so far
@@ -17,8 +18,8 @@ POLL_S = 0.5  # how often the page shows the characters written so far
 
 def sample_view() -> None:
     st.title("Sample")
-    ckpt = state.require_checkpoint()
-    prompt = ui.prompt_box(ckpt, key="sample_prompt", default="ROMEO:", height=70)
+    ckpt = sidebar.require_checkpoint()
+    prompt = widgets.prompt_box(ckpt, key="sample_prompt", default="ROMEO:", height=70)
     length_col, temperature_col, k_col, p_col, seed_col = st.columns(5)
     length = length_col.slider("Length", 1, 500, 200, key="sample_length")
     temperature = temperature_col.slider("Temperature", 0.0, 2.0, 1.0, step=0.05, key="sample_temperature",
@@ -32,9 +33,9 @@ def sample_view() -> None:
             threads.sample.stop()  # a new Generate replaces one still writing
         settings = dict(temperature=temperature, top_k=int(top_k) or None, top_p=top_p,
                         generator=torch.Generator().manual_seed(seed))
-        threads.sample = SampleJob(ckpt.model, st.session_state.get(state.MODEL), prompt.ids, length, settings)
+        threads.sample = SampleJob(ckpt.model, st.session_state.get(sidebar.MODEL), prompt.ids, length, settings)
     job = threads.sample
-    if job is None or job.label != st.session_state.get(state.MODEL):
+    if job is None or job.label != st.session_state.get(sidebar.MODEL):
         return
     if job.alive:
         writing(job, ckpt)
@@ -69,12 +70,12 @@ def inspect_character(ckpt: Checkpoint, result: Sample) -> None:
     """The odds one written character was drawn from, and what the model looked at to write it."""
     itos = ckpt.tokenizer.itos
     chars = [visible(itos[i]) for i in result.new_ids]
-    i = ui.pick_position("Generated character", chars, key="sample_pick")
+    i = widgets.pick_position("Generated character", chars, key="sample_pick")
     probs = result.probs[i]
     top = np.argsort(probs)[::-1][:TOP_CHARS]
     chosen = result.new_ids[i]
     highlight = int(np.flatnonzero(top == chosen)[0]) if chosen in top else None
-    ui.chart(figures.bar_chart(probs[top], [visible(itos[j]) for j in top],
+    widgets.chart(figures.bar_chart(probs[top], [visible(itos[j]) for j in top],
                                f"Character {i}: '{chars[i]}' (red) was drawn from these odds "
                                "(after temperature, top-k and top-p)", x_title="next character",
                                y_title="probability", highlight=highlight), f"sample_odds_{i}")
@@ -85,13 +86,13 @@ def inspect_character(ckpt: Checkpoint, result: Sample) -> None:
     context = (result.prompt_ids + result.new_ids[:i])[-block_size:]  # what the model saw
     _, cache = run_with_cache(ckpt.model, torch.tensor([context]))
     cfg = ckpt.model.config
-    rows = torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0, :, -1] for layer in range(cfg.n_layer)])
+    rows = lens.patterns(cache)[:, :, -1]
     labels = [f"layer {layer} head {h}" for layer in range(cfg.n_layer) for h in range(cfg.n_head)]
     fig = figures.by_position(rows.reshape(len(labels), -1).numpy(), labels, [visible(itos[j]) for j in context],
                               f"What the last character of the context looked at to write '{chars[i]}'",
                               row_title="head", value="weight", colorscale=figures.WEIGHTS, zmin=0, zmax=1,
                               height=160 + 28 * len(labels))
-    ui.chart(fig, f"sample_attention_{i}")
+    widgets.chart(fig, f"sample_attention_{i}")
 
 
 sample_view()

@@ -1,22 +1,24 @@
 """Train: a small GPT learns in front of you. Loss, samples and attention heads, live.
 
-The training runs on a background thread owned by this browser session (explorer/runner.py);
-this page only reads its progress, polling once a second while it runs.
+The training runs on a background thread owned by this browser session
+(explorer/offpage/training_run.py); this page only reads its progress, polling once a second
+while it runs.
 """
 
 import numpy as np
 import streamlit as st
 import torch
 
-from core import PRESETS
-from core.checkpoint import Checkpoint, checkpoint_bytes
+from core import PRESETS, stage_of
+from core.checkpoint import checkpoint_bytes
 from core.data import DataError, check_length, text_from_bytes
 from core.lens import head_stats
-from explorer import figures, state, ui
-from explorer.runner import TrainingRunner
-from explorer.session import SessionThreads, session_threads
-from explorer.training import (RECIPES, Settings, count_params, make_trainer, ms_per_step, probe_ids,
-                               read_limits, training_slots)
+from explorer.glue import widgets
+from explorer.glue.session import SessionThreads, session_threads
+from explorer.glue.train_setup import make_trainer, step_ms, training_slots
+from explorer.offpage import figures
+from explorer.offpage.recipes import RECIPES, Settings, count_params, probe_ids, read_limits
+from explorer.offpage.training_run import TrainingRunner
 
 SOURCES = ("Tiny Shakespeare", "Upload a .txt file", "Paste text")
 LEARNING_RATES = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0, 10.0)  # the last ones diverge, on purpose
@@ -130,11 +132,31 @@ def estimate(settings: Settings, limits) -> bool:
         st.error(f"This model has {n:,} parameters; this server allows at most {limits.max_params:,}. "
                  "Make it smaller (fewer blocks, a smaller embedding).")
         return False
-    ms = ms_per_step(settings, vocab_size)
-    total = ms * settings.max_iters / 1000
-    st.info(f"{n:,} parameters · about {ms / 10:.1f} s per 100 steps on this server when it is not busy · "
-            f"about {_duration(total)} for {settings.max_iters:,} steps, plus evaluations.")
+    time_estimate(settings, vocab_size, n)
     return True
+
+
+def time_estimate(settings: Settings, vocab_size: int, n_params: int) -> None:
+    """The parameter count at once, the time once a few real steps of this shape have been timed
+    (on a background thread: a large shape's steps take seconds)."""
+    pending = step_ms(settings, vocab_size) is None
+
+    @st.fragment(run_every=0.5 if pending else None)
+    def line() -> None:
+        ms = step_ms(settings, vocab_size)
+        if ms is None:
+            st.info(f"{n_params:,} parameters · timing a few steps of this shape on this server…")
+            return
+        if pending:
+            st.rerun(scope="app")  # measured: draw the page once more, which ends this poll
+        if ms != ms:  # NaN: the steps could not run here
+            st.info(f"{n_params:,} parameters · a step of this shape could not be timed on this server.")
+            return
+        total = ms * settings.max_iters / 1000
+        st.info(f"{n_params:,} parameters · about {ms / 10:.1f} s per 100 steps on this server when it is not "
+                f"busy · about {_duration(total)} for {settings.max_iters:,} steps, plus evaluations.")
+
+    line()
 
 
 def start(limits) -> None:
@@ -147,8 +169,10 @@ def start(limits) -> None:
         return
     threads = session_threads()
     probe = probe_ids(trainer.corpus, trainer.config.block_size)
+    threads.runs += 1
     threads.runner = TrainingRunner(trainer, training_slots(limits.max_trainings), probe_ids=probe,
-                                sample_every=max(100, trainer.train_config.eval_interval))
+                                    sample_every=max(100, trainer.train_config.eval_interval),
+                                    name=f"{stage_of(trainer.config)} run {threads.runs}")
     threads.published = 0
     threads.runner.start()
 
@@ -167,7 +191,7 @@ def progress(runner: TrainingRunner, capacity: int) -> None:
         controls(runner, p.status)
         status_line(runner, p, capacity)
         if p.steps or p.evals:
-            ui.chart(figures.loss_curve(p.steps, p.evals), "loss")
+            widgets.chart(figures.loss_curve(p.steps, p.evals), "loss")
         if p.samples:
             it, text = p.samples[-1]
             st.markdown(f"**A sample at step {it}** (200 characters after a newline, seed 0)")
@@ -179,14 +203,23 @@ def progress(runner: TrainingRunner, capacity: int) -> None:
 
 
 def controls(runner: TrainingRunner, status: str) -> None:
+    """Stop, Resume, Reset. They sit in the polling fragment, where a click reruns only the
+    fragment: each one ends with a run of the whole page, which starts or ends the polling."""
     a, b, c, _ = st.columns([1, 1, 1, 4])
     running = status in ("queued", "running")
-    a.button("Stop", disabled=not running, on_click=runner.stop, key=K + "stop")
     trainer = runner.trainer
     can_resume = status == "stopped" and trainer.record.iters < trainer.train_config.max_iters
-    b.button("Resume", disabled=not can_resume, on_click=runner.start, key=K + "resume")
-    c.button("Reset", disabled=running, on_click=reset, key=K + "reset",
-             help="Forget this run and set up a new one (a model already offered to the other views stays there).")
+    if a.button("Stop", disabled=not running, key=K + "stop"):
+        runner.stop()
+        runner.join(timeout=5)  # it stops between two steps
+        st.rerun(scope="app")
+    if b.button("Resume", disabled=not can_resume, key=K + "resume"):
+        runner.start()
+        st.rerun(scope="app")
+    if c.button("Reset", disabled=running, key=K + "reset",
+                help="Forget this run and set up a new one (a model already offered to the other views stays there)."):
+        reset()
+        st.rerun(scope="app")
 
 
 def reset() -> None:
@@ -224,14 +257,14 @@ def heads(runner: TrainingRunner, snapshots: list[tuple[int, np.ndarray]]) -> No
     pattern = dict(snapshots)[chosen].astype(np.float32)
     st.caption("Softmax weights of every head (rows: layers) for a fixed prompt. A head that lights up the "
                "diagonal just below the main one looks at the previous character.")
-    ui.chart(figures.head_grid(pattern), f"heads_step{chosen}")
+    widgets.chart(figures.head_grid(pattern), f"heads_step{chosen}")
     stats = head_stats(torch.from_numpy(np.stack([s for _, s in snapshots]).astype(np.float32)))  # (S, L, H)
     left, right = st.columns(2)
     with left:
-        ui.chart(figures.head_lines(np.array(iters), stats["entropy"].numpy(), "Entropy of each head",
+        widgets.chart(figures.head_lines(np.array(iters), stats["entropy"].numpy(), "Entropy of each head",
                                     "nats (lower: more focused)"), "head_entropy")
     with right:
-        ui.chart(figures.head_lines(np.array(iters), stats["prev_char"].numpy(),
+        widgets.chart(figures.head_lines(np.array(iters), stats["prev_char"].numpy(),
                                     "Weight on the previous character", "weight"), "head_prev_char")
 
 
@@ -246,19 +279,13 @@ def results(threads: SessionThreads) -> None:
     p = runner.snapshot()
     if runner.alive or p.iters == 0 or runner.trainer.diverged:
         return
-    trainer = runner.trainer
-    name = f"{state.guess_stage(trainer.config)} · {p.iters} steps"
-    if threads.published != p.iters:
-        state.add_trained_model(name, Checkpoint(runner.model_copy(), trainer.corpus.tokenizer, trainer.train_config,
-                                                 trainer.record, name))
-        threads.published = p.iters
-        st.rerun()  # the sidebar was drawn before this: draw it again with the new model listed
+    trainer, name = runner.trainer, runner.name
     st.subheader("Your model")
     st.markdown(f"**{name}** is now in the sidebar's model list: open Attention, Activations or Sample to look "
                 "inside it.")
     weights, meta = checkpoint_bytes(trainer.model, trainer.corpus.tokenizer, trainer.train_config, trainer.record)
     a, b, _ = st.columns([1, 1, 3])
-    stem = name.replace(" · ", "-").replace(" ", "-")
+    stem = name.replace(" ", "-")
     a.download_button("Download weights (.safetensors)", weights, f"{stem}.safetensors", key=K + "dl_weights",
                       on_click="ignore")
     b.download_button("Download description (.json)", meta, f"{stem}.json", key=K + "dl_json", on_click="ignore")

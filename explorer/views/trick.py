@@ -5,8 +5,9 @@ import inspect
 import streamlit as st
 import torch
 
-from explorer import figures, ui
-from explorer.lecture import toy_input, version1_loops, version2_weights, version3_weights, version4_head
+from core.trick import toy_input, version1_loops, version2_weights, version3_weights, version4_head
+from explorer.glue import widgets
+from explorer.offpage import figures
 
 
 def trick_view() -> None:
@@ -39,10 +40,10 @@ def trick_view() -> None:
     wei4, _ = version4_head(x, head_size=16, seed=seed)
     _version("Version 4: self-attention", version4_head,
              _matrix(wei4[b], positions, f"wei for sequence {b}: chosen by q · k", "key", weights=True))
-    ui.check(bool(torch.allclose(wei4.sum(-1), torch.ones(4, T))), "every row sums to 1")
-    ui.check(bool((wei4.triu(1) == 0).all()), "no weight above the diagonal")
+    widgets.check(bool(torch.allclose(wei4.sum(-1), torch.ones(4, T))), "every row sums to 1")
+    widgets.check(bool((wei4.triu(1) == 0).all()), "no weight above the diagonal")
     other = (b + 1) % 4
-    ui.check(not torch.allclose(wei4[b], wei4[other]),
+    widgets.check(not torch.allclose(wei4[b], wei4[other]),
              f"sequence {b} and sequence {other} get different weights: they come from the data")
 
 
@@ -51,7 +52,7 @@ def _version(title: str, fn, fig) -> None:
     code, picture = st.columns([1, 1])
     code.code(inspect.getsource(fn), language="python")  # the code that just ran
     with picture:
-        ui.chart(fig, title.split(":")[0].lower().replace(" ", "_"))
+        widgets.chart(fig, title.split(":")[0].lower().replace(" ", "_"))
 
 
 def _matrix(m: torch.Tensor, positions: list[str], title: str, x_title: str, weights: bool = False):
@@ -65,7 +66,7 @@ def _same(label: str, expected: torch.Tensor, got: torch.Tensor) -> None:
     # Summing in another order changes float32 results in the last bits; the default atol (1e-8)
     # would call that a difference for values near 0.
     diff = float((expected - got).abs().max())
-    ui.check(torch.allclose(expected, got, atol=1e-6),
+    widgets.check(torch.allclose(expected, got, atol=1e-6),
              f"torch.allclose(xbow, {label}, atol=1e-6) (largest difference {diff:.1e})")
 
 

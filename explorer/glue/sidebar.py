@@ -5,23 +5,25 @@ Where models come from, in the order the picker lists them:
   loaded once per file version and shared by every session, so never changed in place;
 - uploaded: a .safetensors + .json pair uploaded in this browser session, or nanoGPT's
   ckpt.pt (with its meta.pkl or training text), converted in memory (core.convert);
-- trained here: `trained_models()`, which the Train view fills.
+- trained here: `trained_models()`, one entry a training run of this session, published
+  by `publish_training` as soon as it stops or finishes, whatever view the user is on.
 """
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path, PureWindowsPath
-from typing import Callable
 
 import streamlit as st
 
-from core import PRESETS, GPTConfig
 from core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_checkpoint_bytes
 from core.convert import load_nanogpt, vocab_from_meta, vocab_from_text
 from core.data import DataError, text_from_bytes
-from explorer.ui import escape_markdown
+from core.stages import describe, stage_of
+from explorer.glue.session import session_threads
+from explorer.glue.widgets import escape_markdown
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PRETRAINED_ENV = "GPT_EXPLORER_PRETRAINED"
 
 # Session keys.
@@ -31,19 +33,6 @@ UPLOADER = "upload"
 UPLOADED = "uploaded_models"  # name -> Checkpoint, from this session's uploads
 LAST_UPLOAD = "last_upload"  # file ids of the pair already loaded, so a rerun does not reload it
 TRAINED = "trained_models"  # name -> Checkpoint, trained in this browser session
-
-# What each stage of the lecture adds (the order of core.PRESETS).
-STAGES = {
-    "bigram": "each character predicts the next from a lookup table",
-    "one_head": "one head of self-attention over token + position embeddings",
-    "multi_head": "several heads side by side, concatenated",
-    "ffn": "a feed-forward layer after attention: communication, then computation",
-    "residual": "residual connections around a stack of blocks",
-    "layernorm": "pre-norm LayerNorm in every block and before the output",
-    "full": "scaled up: dropout, more layers, heads, dimensions and context",
-    "custom": "a mix of switches that is none of the lecture's stages",
-}
-
 
 def pretrained_dir() -> Path:
     return Path(os.environ.get(PRETRAINED_ENV) or ROOT / "pretrained")
@@ -113,20 +102,20 @@ def load_nanogpt_upload(files: list) -> Checkpoint:
 
 
 def model_choices() -> dict[str, Callable[[], Checkpoint]]:
-    """Picker label -> how to get that checkpoint."""
-    choices = {}
+    """Picker label -> how to get that checkpoint. The session's own models come first."""
+    choices = {f"{name} (trained here)": (lambda c=ckpt: c) for name, ckpt in trained_models().items()}
     for path in pretrained_paths():
         choices[f"{path.stem} (pretrained)"] = lambda p=path: load_pretrained(str(p), p.stat().st_mtime)
     for name, ckpt in uploaded_models().items():
         choices[f"{name} (uploaded)"] = lambda c=ckpt: c
-    for name, ckpt in trained_models().items():
-        choices[f"{name} (trained here)"] = lambda c=ckpt: c
     return choices
 
 
-def model_sidebar() -> None:
+def model_sidebar(select_new: bool = False) -> None:
     """The sidebar every view shares: pick a model, upload one, read its card. Stores the
-    chosen Checkpoint (or None) under CHECKPOINT for the view to read."""
+    chosen Checkpoint (or None) under CHECKPOINT for the view to read. select_new: a training
+    that just ended becomes the chosen model (on the Train view, where its owner watches it)."""
+    publish_training(select_new)
     picker = st.sidebar.container()  # filled last, so a fresh upload is already in the list
     with st.sidebar.expander("Upload a checkpoint"):
         _upload_box()
@@ -180,27 +169,42 @@ def require_checkpoint() -> Checkpoint:
     return ckpt
 
 
-def guess_stage(config: GPTConfig) -> str:
-    """Which stage of the lecture a model is at, from its switches (see core.PRESETS)."""
-    c = config
-    if not c.attention:
-        return "bigram"
-    if not (c.feed_forward or c.residual or c.layer_norm):
-        return "one_head" if c.n_head == 1 else "multi_head"
-    if c.feed_forward and not c.residual and not c.layer_norm:
-        return "ffn"
-    if c.residual and not c.layer_norm:
-        return "residual"
-    if c.residual and c.layer_norm:
-        scaled_up = c.dropout > 0 or c.n_embd >= PRESETS["full"]["n_embd"]
-        return "full" if scaled_up else "layernorm"
-    return "custom"
+def publish_training(select: bool) -> None:
+    """This session's training joins the picker once it has stopped or finished (a diverged one
+    does not), under its run's name: a Resume and a second Stop update the same entry. While it
+    runs, a small poll notices the end wherever the user is."""
+    threads = session_threads()
+    runner = threads.runner
+    if runner is None:
+        return
+    if runner.alive:
+        _watch_training(runner)
+        return
+    p = runner.snapshot()
+    if p.iters == 0 or runner.trainer.diverged or threads.published == p.iters:
+        return
+    name = runner.name
+    add_trained_model(name, runner.checkpoint())
+    threads.published = p.iters
+    if select:
+        st.session_state[MODEL] = f"{name} (trained here)"
+    st.toast(f"{escape_markdown(name)} ({p.iters:,} steps) is in the model list.")
+
+
+def _watch_training(runner) -> None:
+    @st.fragment(run_every=2.0)
+    def watch() -> None:
+        if not runner.alive:
+            st.rerun(scope="app")  # it ended: publish it in a full run, which also ends this poll
+
+    with st.sidebar:
+        watch()
 
 
 def model_card(ckpt: Checkpoint) -> None:
     c, rec = ckpt.model.config, ckpt.record
-    stage = guess_stage(c)
-    st.markdown(f"**Stage: {stage}**: {STAGES[stage]}.")
+    stage = stage_of(c)
+    st.markdown(f"**Stage: {stage}**: {describe(stage)}.")
     st.markdown(f"{ckpt.model.num_params():,} parameters (without the position table)  \n"
                 f"vocabulary {c.vocab_size}, context {c.block_size}, {c.n_layer} layer(s) × {c.n_head} head(s), "
                 f"{c.n_embd} dims ({c.head_size} a head), dropout {c.dropout}, {c.activation}")

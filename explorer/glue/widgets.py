@@ -1,12 +1,13 @@
 """Widgets every view shares: the prompt box with its bad-input messages, a pick of one
 position, charts with Plotly's image button, check marks, CSV and .npz downloads."""
 
+import hashlib
 import io
 import re
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -115,16 +116,29 @@ def chart(fig: go.Figure, name: str) -> None:
         "displaylogo": False, "toImageButtonOptions": {"format": "png", "filename": name, "scale": 2}})
 
 
-def shared_chart(key: tuple, build: Callable[[], go.Figure], name: str) -> None:
-    """chart() of a figure built once for every session that draws the same one. key is the
-    run's (run_key); name must say everything else the figure shows. Building a figure is
-    Python that holds the GIL (30 ms for weighted_sum), which the server's sessions share."""
-    chart(_figure((*key, name), build), name)
+def shared_chart(build: Callable[..., go.Figure], *args, name: str, **kwargs) -> None:
+    """chart() of build(*args, **kwargs), a builder of explorer.offpage.figures, built once for
+    every session that draws it from the same inputs: the cache key is the builder and a digest
+    of every argument, arrays by their bytes. Building a figure is Python that holds the GIL,
+    which the server's sessions share. name is only the PNG's file name."""
+    chart(_figure(figure_key(build, args, kwargs), build, args, kwargs), name)
+
+
+def figure_key(build: Callable, args: tuple, kwargs: dict) -> str:
+    digest = hashlib.blake2b(f"{build.__module__}.{build.__qualname__}".encode(), digest_size=16)
+    for value in (*args, *sorted(kwargs.items())):
+        if isinstance(value, np.ndarray):
+            digest.update(f"{value.dtype}{value.shape}".encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+        else:
+            digest.update(repr(value).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 @st.cache_resource(max_entries=256, show_spinner=False)  # at most ~0.3 MB each
-def _figure(key: tuple, _build: Callable[[], go.Figure]) -> go.Figure:
-    return _build()
+def _figure(key: str, _build: Callable[..., go.Figure], _args: tuple, _kwargs: dict) -> go.Figure:
+    return _build(*_args, **_kwargs)
 
 
 def check(ok: bool, label: str) -> None:

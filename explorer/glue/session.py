@@ -7,14 +7,15 @@ session and releases it when the tab closes: the threads are then asked to stop.
 
 import streamlit as st
 
-from explorer.runner import TrainingRunner
-from explorer.sampling import SampleJob
+from explorer.offpage.sample_job import SampleJob
+from explorer.offpage.training_run import TrainingRunner
 
 
 class SessionThreads:
     def __init__(self):
         self.runner: TrainingRunner | None = None  # emptied by the Train view's Reset
         self.published = 0  # how many finished training steps were already offered to the other views
+        self.runs = 0  # trainings started in this session: each one's model has a name of its own
         self.sample: SampleJob | None = None  # the last Generate, running or done
 
     def stop(self) -> None:

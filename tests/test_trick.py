@@ -1,9 +1,15 @@
-"""The lecture's worked examples in explorer.lecture: the trick's four versions, get_batch's pairs."""
+"""The lecture's worked examples in core.trick: the trick's four versions, get_batch's pairs."""
 
 import torch
 
-from explorer.lecture import (context_target_pairs, toy_input, version1_loops, version2_weights,
-                              version3_weights, version4_head)
+from core.trick import (
+    context_target_pairs,
+    toy_input,
+    version1_loops,
+    version2_weights,
+    version3_weights,
+    version4_head,
+)
 
 
 def test_versions_1_to_3_are_the_same_average():

@@ -1,7 +1,7 @@
 """The shipped checkpoints side by side: one row each, with the lecture's own losses beside.
 
 Pure (no Streamlit): the Lecture view shows this table, and
-    python -m explorer.pretrained
+    python -m explorer.offpage.checkpoint_table
 prints it as the Markdown table of pretrained/README.md.
 """
 
@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import PRESETS
+from core import STAGES
 from core.checkpoint import Checkpoint, load_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
-# Val losses the lecture reports for its stages (at its GPU sizes; block 8 until "full").
-LECTURE_VAL_LOSS = {"one_head": 2.5, "multi_head": 2.28, "ffn": 2.24, "layernorm": 2.06, "full": 1.48}
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def summary(ckpt: Checkpoint) -> dict:
@@ -32,7 +30,7 @@ def summary(ckpt: Checkpoint) -> dict:
         "machine": ckpt.extra.get("machine", ""),
         "train loss": rec.train_loss,
         "val loss": rec.val_loss,
-        "lecture val loss": LECTURE_VAL_LOSS.get(stage),
+        "lecture val loss": STAGES[stage].lecture_val_loss if stage in STAGES else None,
         "seed": tc.seed if tc else None,
         "command": ckpt.extra.get("command", ""),
     }
@@ -40,7 +38,7 @@ def summary(ckpt: Checkpoint) -> dict:
 
 def stage_order(row: dict) -> tuple:
     """Stage checkpoints in the lecture's order, then the others."""
-    stages = list(PRESETS)
+    stages = list(STAGES)
     return (not row["name"].startswith("stage-"), stages.index(row["stage"]) if row["stage"] in stages else 99,
             row["name"])
 

@@ -1,5 +1,5 @@
-"""What the Train view needs besides widgets: the instructor's caps, the recipes, turning the
-form's settings into a Trainer, and the server-wide queue.
+"""What a training is made of, without any widget: the instructor's caps, the form's settings,
+the named recipes, and the prompt whose attention is snapshotted.
 
 Caps are environment variables, read when the server starts (see the README's "Running a
 workshop"):
@@ -10,16 +10,13 @@ workshop"):
 """
 
 import os
-import time
 from dataclasses import dataclass
 
-import streamlit as st
 import torch
 
-from core import GPT, CharTokenizer, GPTConfig
-from core.data import Corpus, load_shakespeare
-from core.trainer import TrainConfig, Trainer
-from explorer.runner import TrainingSlots
+from core import GPT, GPTConfig
+from core.data import Corpus
+from core.trainer import TrainConfig
 
 PROBE = "First Citizen:\nBefore we proceed any further, hear me speak."
 
@@ -106,41 +103,6 @@ def count_params(config: GPTConfig) -> int:
         return GPT(config).num_params(non_embedding=False)
 
 
-@st.cache_data(max_entries=64, show_spinner="Timing a few steps on this server…")
-def ms_per_step(settings: Settings, vocab_size: int) -> float:
-    """Median time of a few real training steps of this shape on this server, one thread, as
-    the runner trains (measured rather than guessed from FLOPs: small models run far below peak)."""
-    config, tconf = settings.model_config(vocab_size), settings.train_config()
-    model = GPT(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tconf.learning_rate, fused=True)
-    x = torch.randint(vocab_size, (tconf.batch_size, config.block_size))
-    times = []
-    for _ in range(4):
-        t0 = time.perf_counter()
-        _, loss = model(x, x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - t0)
-    return 1000 * sorted(times[1:])[1]  # the first step warms up; median of the rest
-
-
-@st.cache_resource(show_spinner="Reading Tiny Shakespeare…")
-def shakespeare_corpus(block_size: int) -> Corpus:
-    """One encoded copy per block size, shared read-only by every session."""
-    return Corpus(load_shakespeare(), block_size)
-
-
-def make_trainer(settings: Settings, text: str | None) -> Trainer:
-    """A Trainer for the form's settings on a text (None: Tiny Shakespeare). Raises ValueError
-    (DataError, bad settings) with a message for the user."""
-    if text is None:
-        corpus = shakespeare_corpus(settings.block_size)
-    else:
-        corpus = Corpus(text, settings.block_size, CharTokenizer.from_text(text))
-    return Trainer(settings.model_config(corpus.tokenizer.vocab_size), settings.train_config(), corpus)
-
-
 def probe_ids(corpus: Corpus, block_size: int) -> list[int]:
     """The prompt whose attention is snapshotted while training: a fixed Shakespeare line when
     the vocabulary has its characters, else the start of the validation text."""
@@ -148,9 +110,3 @@ def probe_ids(corpus: Corpus, block_size: int) -> list[int]:
     if not corpus.tokenizer.unknown(PROBE):
         return corpus.tokenizer.encode(PROBE)[:length]
     return corpus.splits["val"][:length].tolist()
-
-
-@st.cache_resource
-def training_slots(capacity: int) -> TrainingSlots:
-    """The server-wide queue: one for every session (keyed by its capacity)."""
-    return TrainingSlots(capacity)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from core.lens import run_with_cache
+from core.checkpoint import Checkpoint
+from core.lens import patterns, run_with_cache
 from core.trainer import Trainer
 
 MAX_SNAPSHOTS = 60  # attention snapshots kept per run; older ones are thinned out
@@ -79,14 +80,14 @@ class TrainingRunner:
     """Owns one Trainer and the thread that advances it, for one browser session."""
 
     def __init__(self, trainer: Trainer, slots: TrainingSlots, probe_ids: list[int] | None = None,
-                 sample_every: int = 200, snapshot_every: int = 50, sample_chars: int = 200, chunk: int = 10):
-        self.trainer = trainer
+                 sample_every: int = 200, snapshot_every: int = 50, sample_chars: int = 200, chunk: int = 10,
+                 name: str = "training"):
+        self.trainer, self.name = trainer, name
         self.slots = slots
         self.probe = torch.tensor([probe_ids[: trainer.config.block_size]]) if probe_ids else None
         self.sample_every, self.snapshot_every = sample_every, snapshot_every
         self.sample_chars, self.chunk = sample_chars, chunk
         self._lock = threading.Lock()  # guards _progress: held for microseconds
-        self._model_lock = threading.Lock()  # guards the weights while a chunk of steps runs
         self._progress = Progress(max_iters=trainer.train_config.max_iters)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -123,59 +124,52 @@ class TrainingRunner:
 
     def model_copy(self) -> torch.nn.Module:
         """A copy of the model for other views; the training thread keeps the original."""
-        with self._model_lock:
+        with self.trainer.lock:  # not while a step is half applied
             model = copy.deepcopy(self.trainer.model).cpu()
         return model.eval()
 
-    # The thread -------------------------------------------------------------------------
+    def checkpoint(self) -> Checkpoint:
+        """The model as it is now, with its vocabulary and record, for other views and downloads."""
+        t = self.trainer
+        return Checkpoint(self.model_copy(), t.corpus.tokenizer, t.train_config, copy.copy(t.record), self.name)
+
+    # The thread: Trainer.train runs the loop, these callbacks report it ---------------------
     def _main(self) -> None:
         if not self.slots.acquire(self, self._stop):
             self._set(status="stopped", message="left the queue")
             return
         try:
             self._set(status="running")
-            if self.trainer.record.iters == 0:
-                self._after_steps()
-            while True:
-                with self._model_lock:  # model_copy() must not see a half-applied optimizer step
-                    rows = self.trainer.run(self._steps_to_next_event())
-                self._append_steps(rows)
-                self._after_steps()
-                if self.trainer.stop_reason:  # why this call stopped: a request, divergence or the end
-                    break
-            status = "failed" if self.trainer.diverged else "finished"
-            if self.trainer.record.iters < self.trainer.train_config.max_iters and not self.trainer.diverged:
-                status = "stopped"
-            self._set(status=status, message=self.trainer.stop_reason)
+            trainer = self.trainer
+            if trainer.record.iters == 0:
+                self._look()  # the untrained model's sample and heads, for the story from the start
+            trainer.train(on_step=self._on_step, on_eval=self._on_eval, chunk=self.chunk,
+                          pause_every=(self.sample_every, self.snapshot_every if self.probe is not None else 0))
+            finished = trainer.record.iters >= trainer.train_config.max_iters
+            status = "failed" if trainer.diverged else "finished" if finished else "stopped"
+            self._set(status=status, message=trainer.stop_reason)
         except Exception as e:  # shown in this session; the server carries on
             self._set(status="failed", message=f"training failed: {type(e).__name__}: {e}")
         finally:
             self.slots.release(self)
 
-    def _steps_to_next_event(self) -> int:
-        """Run up to the next evaluation, sample or snapshot, and at most `chunk` steps."""
+    def _on_step(self, rows: list[dict]) -> None:
+        if rows:
+            with self._lock:
+                p = self._progress
+                p.steps = p.steps + rows
+                p.iters = rows[-1]["iter"]
+                p.tokens_per_s = float(np.median([r["tokens_per_s"] for r in rows]))
+        if not self.trainer.diverged:  # NaN weights: nothing to sample or look at
+            self._look()
+
+    def _on_eval(self, losses: dict[str, float]) -> None:
+        self._add("evals", dict(iter=self.trainer.record.iters, train_loss=losses["train"], val_loss=losses["val"]))
+
+    def _look(self) -> None:
+        """Sample and snapshot attention when their intervals come round, and at the last step."""
         it = self.trainer.record.iters
-        periods = [self.trainer.train_config.eval_interval, self.sample_every, self.snapshot_every if self.probe is not None else 0]
-        return min([self.chunk] + [p - it % p for p in periods if p])
-
-    def _append_steps(self, rows: list[dict]) -> None:
-        if not rows:
-            return
-        with self._lock:
-            p = self._progress
-            p.steps = p.steps + rows
-            p.iters = rows[-1]["iter"]
-            p.tokens_per_s = float(np.median([r["tokens_per_s"] for r in rows]))
-
-    def _after_steps(self) -> None:
-        """Evaluate, sample and snapshot attention when their intervals come round."""
-        if self.trainer.diverged:
-            return  # NaN weights: nothing to evaluate, sample or look at
-        it, tc = self.trainer.record.iters, self.trainer.train_config
-        last = it >= tc.max_iters
-        if it % tc.eval_interval == 0 or last:
-            losses = self.trainer.estimate_loss()
-            self._add("evals", dict(iter=it, train_loss=losses["train"], val_loss=losses["val"]))
+        last = it >= self.trainer.train_config.max_iters
         if self.sample_every and (it % self.sample_every == 0 or last):
             self._add("samples", (it, self._sample()))
         if self.probe is not None and self.snapshot_every and (it % self.snapshot_every == 0 or last):
@@ -193,8 +187,7 @@ class TrainingRunner:
         if not self.trainer.config.attention:
             return np.zeros((0,), dtype=np.float16)
         _, cache = run_with_cache(self.trainer.model, self.probe.to(self.trainer.device))
-        layers = [cache[f"blocks.{i}.attn.hook_pattern"][0] for i in range(self.trainer.config.n_layer)]
-        return torch.stack(layers).cpu().numpy().astype(np.float16)  # (L, H, T, T)
+        return patterns(cache).cpu().numpy().astype(np.float16)  # (L, H, T, T)
 
     def _add(self, name: str, item) -> None:
         with self._lock:

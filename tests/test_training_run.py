@@ -8,7 +8,7 @@ import pytest
 from core import CharTokenizer, GPTConfig
 from core.data import Corpus
 from core.trainer import TrainConfig, Trainer
-from explorer.runner import TrainingRunner, TrainingSlots
+from explorer.offpage.training_run import TrainingRunner, TrainingSlots
 from helpers import wait_for
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 30
