@@ -97,7 +97,7 @@ def run_prompt(ckpt: Checkpoint, prompt: Prompt) -> tuple[torch.Tensor, Cache]:
     return _run(run_key(ckpt, prompt), ckpt.model)
 
 
-@st.cache_resource(max_entries=4, show_spinner=False)  # a full-size model's cache: 58 MB at 256 characters
+@st.cache_resource(max_entries=4, show_spinner=False)  # a full-size cache is large: benchmarks/README.md, inference
 def _run(key: tuple, _model: torch.nn.Module) -> tuple[torch.Tensor, Cache]:
     return run_with_cache(_model, torch.tensor([key[1]]))
 
@@ -136,7 +136,7 @@ def figure_key(build: Callable, args: tuple, kwargs: dict) -> str:
     return digest.hexdigest()
 
 
-@st.cache_resource(max_entries=256, show_spinner=False)  # at most ~0.3 MB each
+@st.cache_resource(max_entries=256, show_spinner=False)  # figure sizes: benchmarks/README.md, app speed
 def _figure(key: str, _build: Callable[..., go.Figure], _args: tuple, _kwargs: dict) -> go.Figure:
     return _build(*_args, **_kwargs)
 
@@ -151,7 +151,7 @@ def matrix_frame(matrix: np.ndarray, rows: list[str], columns: list[str] | None 
 
 
 def csv_download(frame: pd.DataFrame, name: str, label: str = "Download CSV") -> None:
-    """Written only on the click: a 147 x 147 matrix took 16 ms on every run."""
+    """Written only on the click: serialising a large matrix on every run slowed the page."""
     st.download_button(label, lambda: frame.to_csv().encode("utf-8"), f"{name}.csv", "text/csv",
                        key=f"csv_{name}", on_click="ignore")
 

@@ -16,7 +16,7 @@ from plotly.subplots import make_subplots
 WEIGHTS = "Blues"  # attention weights and probabilities, 0 (white) to 1 (dark blue)
 SIGNED = "RdBu_r"  # scores and activations, blue below 0 and red above
 MAX_TICKS = 64  # with more characters than this on an axis, label every k-th
-GRID_TILE = 128  # the largest side of one head in the all-heads grid (keeps T=256 under 2 MB)
+GRID_TILE = 128  # the largest side of one head in the all-heads grid (figure size: benchmarks/README.md)
 GAP = "#d9d9d9"  # the grey between the tiles of the grid
 
 
@@ -85,8 +85,8 @@ def attention_heatmap(scores: np.ndarray, chars: list[str], step: str, title: st
 def head_grid(patterns: np.ndarray) -> go.Figure:
     """Every head's attention weights (L, H, T, T) as small multiples: one tiled uint8 trace.
 
-    One trace of bytes instead of L*H float traces keeps the figure small (6x6 heads at
-    T=256: under 2 MB). Above GRID_TILE positions each pixel shows the largest weight of a
+    One trace of bytes instead of L*H float traces keeps the figure small (sizes in
+    benchmarks/README.md). Above GRID_TILE positions each pixel shows the largest weight of a
     block of cells, so a sharp pattern stays visible.
     """
     L, H, T, _ = patterns.shape
