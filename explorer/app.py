@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from explorer.glue import sidebar  # noqa: E402  (imports core, so after the path is set)
 
-VIEWS = Path(__file__).parent / "views"
+VIEWS = ROOT / "explorer" / "views"  # absolute: st.Page resolves a relative path from elsewhere
 GIL_SWITCH_S = 0.0005  # how long a thread may keep the GIL while another waits for it (benchmarks/README.md)
 # The views, in sidebar order: (file in views/, title, icon). A new view is one more line.
 PAGES = [

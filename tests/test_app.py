@@ -344,3 +344,8 @@ def test_export_shows_any_matrix(pretrained):
     frame = at.dataframe[0].value
     assert frame.shape == (32, 32)
     np.testing.assert_allclose(frame.sum(axis=1), 1, atol=1e-5)
+
+
+def test_the_app_opens_from_a_relative_path_as_streamlits_docs_write_it(pretrained):
+    at = AppTest.from_file("../explorer/app.py", default_timeout=60).run()  # relative to this file
+    assert not at.exception and at.sidebar.selectbox(key="model").value == "tiny (pretrained)"
