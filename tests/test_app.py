@@ -349,3 +349,16 @@ def test_export_shows_any_matrix(pretrained):
 def test_the_app_opens_from_a_relative_path_as_streamlits_docs_write_it(pretrained):
     at = AppTest.from_file("../explorer/app.py", default_timeout=60).run()  # relative to this file
     assert not at.exception and at.sidebar.selectbox(key="model").value == "tiny (pretrained)"
+
+
+def test_the_lecture_table_leads_with_the_losses_in_the_lecture_order(stages, tmp_path):
+    for path in tmp_path.glob("*.json"):  # named as the shipped ones, alphabetical order the reverse of the lecture's
+        for old in (path, path.with_suffix(".safetensors")):
+            old.rename(old.with_name(old.name.replace("bigram", "stage-z-bigram").replace("one_head", "stage-a-one_head")))
+    at = start("lecture")
+    table = at.dataframe[0].value
+    assert list(table.columns[:4]) == ["name", "stage", "val loss", "lecture val loss"]
+    assert list(table["stage"]) == ["bigram", "one_head"]
+    assert "None" not in table.astype(str).to_numpy()  # an untrained model's missing losses are blanks
+    names = [m.value.strip("*") for m in at.markdown if m.value.startswith("**stage-")]
+    assert names[-2:] == list(table["name"])  # the samples (last on the page) follow the table, not the file names

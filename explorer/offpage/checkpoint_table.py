@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import STAGES
+from core import STAGES, stage_of
 from core.checkpoint import Checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def summary(ckpt: Checkpoint) -> dict:
     c, rec, tc = ckpt.model.config, ckpt.record, ckpt.train_config
-    stage = ckpt.extra.get("preset", "custom")  # the CLI records the preset it trained
+    stage = stage_of(c)  # as the model card reads it (tests check it agrees with the preset the CLI recorded)
     return {
         "name": ckpt.name,
         "stage": stage,

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.colors import sequential
+from plotly.colors import qualitative, sequential
 from plotly.subplots import make_subplots
 
 WEIGHTS = "Blues"  # attention weights and probabilities, 0 (white) to 1 (dark blue)
@@ -32,7 +32,8 @@ def _char_ticks(chars: list[str]) -> dict:
 
 
 def _finish(fig: go.Figure, title: str, height: int | None = None) -> go.Figure:
-    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=60, b=10))
+    # A vertical toolbar at the right edge keeps Plotly's buttons off the title.
+    fig.update_layout(title=title, height=height, margin=dict(l=10, r=40, t=60, b=10), modebar=dict(orientation="v"))
     return fig
 
 
@@ -217,8 +218,9 @@ def loss_curve(steps: list[dict], evals: list[dict]) -> go.Figure:
 def head_lines(iters: np.ndarray, values: np.ndarray, title: str, y_title: str) -> go.Figure:
     """One line per head over training: values is (snapshots, layers, heads)."""
     _, L, H = values.shape
+    colours = qualitative.Dark24 if L * H > 10 else qualitative.Plotly  # a colour of its own for up to 24 heads
     fig = go.Figure([go.Scatter(x=iters, y=values[:, layer, head].astype(np.float32), mode="lines",
-                                name=f"L{layer} H{head}")
+                                name=f"L{layer} H{head}", line=dict(color=colours[(layer * H + head) % len(colours)]))
                      for layer in range(L) for head in range(H)])
     fig.update_xaxes(title="step")
     fig.update_yaxes(title=y_title)

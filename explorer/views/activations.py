@@ -82,9 +82,14 @@ def mlp_neurons(ckpt: Checkpoint, cache: Cache, prompt: Prompt) -> None:
     shown = post.abs().amax(0).topk(min(SHOWN_NEURONS, post.shape[1])).indices.sort().values
     fig = figures.by_position(post[:, shown].T.numpy(), [f"n{i}" for i in shown.tolist()], prompt.chars,
                               f"Neurons × positions, layer {layer}: the {len(shown)} most active of "
-                              f"{post.shape[1]}", row_title="neuron", value="activation", zmid=0,
-                              height=200 + 12 * len(shown))
+                              f"{post.shape[1]}", row_title="neuron", value="activation",
+                              **_activation_scale(cfg.activation), height=200 + 12 * len(shown))
     widgets.chart(fig, f"neurons_L{layer}")
+
+
+def _activation_scale(activation: str) -> dict:
+    """ReLU never goes below 0: a one-sided scale from 0. GELU dips just below 0: diverging at 0."""
+    return dict(colorscale="Viridis", zmin=0) if activation == "relu" else dict(zmid=0)
 
 
 def layer_norm(ckpt: Checkpoint, cache: Cache, prompt: Prompt) -> None:

@@ -9,6 +9,8 @@ from explorer.offpage import figures
 from explorer.offpage.checkpoint_table import table
 
 PROMPT = "ROMEO:"
+# The table's columns, the losses first; the rest is behind "Details".
+FIRST_COLUMNS = ["name", "stage", "val loss", "lecture val loss", "params", "shape", "iterations", "train loss"]
 SAMPLE_CHARS = 200
 
 
@@ -19,13 +21,17 @@ def lecture_view() -> None:
         st.info(f"No checkpoints in `{sidebar.pretrained_dir()}`: train them with the scripts in pretrained/.")
         return
     checkpoints = [sidebar.load_pretrained(str(p), p.stat().st_mtime) for p in paths]
-    frame = table(checkpoints)
+    frame = table(checkpoints)  # in the lecture's order
     st.markdown("Each `stage-*` model adds one step of the lecture to the one before, all trained at one "
                 "shape for the same number of steps, so the losses compare fairly. The lecture's own losses "
-                "(at its sizes) are beside them.")
-    st.dataframe(frame.drop(columns=["command"]), hide_index=True, column_config={
-        "train loss": st.column_config.NumberColumn(format="%.3f"),
-        "val loss": st.column_config.NumberColumn(format="%.3f")})
+                "(at its sizes: block 8 until `full`) are beside them: they compare in order, not in value.")
+    numbers = {c: st.column_config.NumberColumn(format="%.3f") for c in ("val loss", "lecture val loss", "train loss")}
+    st.dataframe(frame[FIRST_COLUMNS].astype({c: float for c in numbers}), hide_index=True,
+                 column_config={**numbers, "params": st.column_config.NumberColumn(format="localized")})
+    st.caption("`stage-full` is `stage-layernorm` with dropout 0.1. At this small budget the model does not "
+               "overfit yet, so dropout only slows it down; it pays off at the lecture's size (`full-gpu`).")
+    with st.expander("Details: tokens, wall time, machine, seed"):
+        st.dataframe(frame.drop(columns=[*FIRST_COLUMNS[2:], "command"]), hide_index=True)
     widgets.chart(figures.bar_chart(frame["val loss"].to_numpy(dtype=np.float32), list(frame["name"]),
                                "Validation loss by stage (lower is better)", y_title="val loss"), "val_loss_by_stage")
     with st.expander("The command that made each checkpoint"):
@@ -33,9 +39,10 @@ def lecture_view() -> None:
             st.markdown(f"**{name}**")
             st.code(command or "(not recorded)", language="bash")
     st.subheader(f"What each one writes after {PROMPT!r} (seed 0)")
-    for path, name in zip(paths, [c.name for c in checkpoints]):
+    path_of = {c.name: p for p, c in zip(paths, checkpoints)}
+    for name in frame["name"]:  # the lecture's order, as in the table
         st.markdown(f"**{name}**")
-        st.code(sample(str(path), path.stat().st_mtime), language=None)
+        st.code(sample(str(path_of[name]), path_of[name].stat().st_mtime), language=None)
 
 
 @st.cache_data(max_entries=32, show_spinner="Sampling…")
