@@ -20,7 +20,7 @@ from core.data import DATA_ENV
 from core.lens import ATTENTION_STEPS, attention_step, run_with_cache
 from explorer.app import GIL_SWITCH_S, PAGES
 from explorer.glue.sidebar import PRETRAINED_ENV
-from explorer.glue.widgets import DEFAULT_PROMPT
+from explorer.glue.widgets import DEFAULT_PROMPT, fitting
 from explorer.offpage import figures
 from helpers import figure, rerun_until, tiny_model, wait_for
 
@@ -115,7 +115,7 @@ def test_attention_figure_is_the_models_own_and_causal(pretrained, step):
     z = heat(at)
     # What the figure shows is core's cache for the last block_size characters of the prompt.
     ckpt = load_checkpoint(pretrained)
-    ids = ckpt.tokenizer.encode(DEFAULT_PROMPT)[-ckpt.model.config.block_size:]
+    ids = ckpt.tokenizer.encode(fitting(DEFAULT_PROMPT, ckpt.model.config.block_size))
     _, cache = run_with_cache(ckpt.model, torch.tensor([ids]))
     expected = attention_step(cache, 0, step)[0, 0].numpy()
     np.testing.assert_allclose(z, np.where(np.isneginf(expected), np.nan, expected), rtol=1e-5, atol=1e-6)
@@ -159,6 +159,8 @@ def test_all_heads_grid_is_one_uint8_trace(pretrained):
 
 def test_long_prompt_is_cropped_and_says_so(pretrained):
     at = start("attention")
+    assert not at.info and heat(at).shape == (len(fitting(DEFAULT_PROMPT, 32)),) * 2  # the default fits the model
+    set_prompt(at, DEFAULT_PROMPT)
     assert "cropped to the last 32" in texts(at.info)
     assert heat(at).shape == (32, 32)
     ticks = figure(at)["layout"]["yaxis"]["ticktext"]
@@ -342,7 +344,7 @@ def test_export_shows_any_matrix(pretrained):
     at.selectbox(key="export_name").set_value("blocks.1.attn.hook_pattern").run()
     at.selectbox(key="export_head").set_value(1).run()
     frame = at.dataframe[0].value
-    assert frame.shape == (32, 32)
+    assert frame.shape == (len(fitting(DEFAULT_PROMPT, 32)),) * 2
     np.testing.assert_allclose(frame.sum(axis=1), 1, atol=1e-5)
 
 

@@ -117,3 +117,15 @@ def test_npz_and_csv_round_trip():
     frame = widgets.matrix_frame(np.eye(2), ["0 a", "1 a"], ["0 a", "1 a"])
     back = pd.read_csv(io.StringIO(frame.to_csv()), index_col=0)
     np.testing.assert_array_equal(back.to_numpy(), np.eye(2))
+
+
+def test_a_default_prompt_is_cut_to_fit_the_context_at_a_line_or_a_word():
+    from explorer.glue.widgets import DEFAULT_PROMPT, fitting
+    assert fitting("ab cd", 8) == "ab cd"
+    assert fitting("First Citizen:\nBefore we proceed", 20) == "First Citizen:"
+    assert fitting("one two three", 9) == "one two"
+    assert fitting("abcdefghij", 4) == "abcd"  # no break to cut at
+    for block in (8, 32, 64, 128, 256):
+        cut = fitting(DEFAULT_PROMPT, block)
+        assert len(cut) <= block and DEFAULT_PROMPT.startswith(cut)
+        assert cut == DEFAULT_PROMPT or DEFAULT_PROMPT[len(cut)] in "\n "

@@ -215,5 +215,10 @@ def model_card(ckpt: Checkpoint) -> None:
         st.markdown(f"Trained {rec.iters:,} steps on {rec.tokens:,} tokens{took}{losses}.")
     else:
         st.markdown("Untrained: its weights are still random.")
-    for key, value in ckpt.extra.items():
+    if ckpt.extra and st.toggle("Details", key="card_details", help="How the file was made"):
+        _notes(ckpt.extra)
+
+
+def _notes(extra: dict) -> None:
+    for key, value in extra.items():
         st.markdown(f"{escape_markdown(str(key))}: {escape_markdown(str(value))}")  # notes from the file

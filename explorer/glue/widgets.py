@@ -37,11 +37,25 @@ class Prompt:
         return len(self.ids)
 
 
+def fitting(text: str, block_size: int) -> str:
+    """The longest start of text that fits a context of block_size characters and ends at the
+    end of a line, else of a word: a default prompt that no model crops mid-word."""
+    if len(text) <= block_size:
+        return text
+    head = text[:block_size + 1]
+    for sep in ("\n", " "):
+        cut = head.rfind(sep)
+        if cut > 0:
+            return text[:cut]
+    return text[:block_size]
+
+
 def prompt_box(ckpt: Checkpoint, key: str = PROMPT, default: str = DEFAULT_PROMPT, height: int = 110) -> Prompt | None:
     """The prompt as the model can read it: unknown characters named (and dropped if asked),
-    cropped to the last block_size characters. None, with a message, when nothing is left."""
-    text = st.text_area("Prompt", value=default, key=key, height=height, persist_state="session")
+    cropped to the last block_size characters. None, with a message, when nothing is left.
+    The default is cut to fit the model's context."""
     tokenizer, block_size = ckpt.tokenizer, ckpt.model.config.block_size
+    text = st.text_area("Prompt", value=fitting(default, block_size), key=key, height=height, persist_state="session")
     if not text:
         st.warning("The prompt is empty: type at least one character.")
         return None
