@@ -141,8 +141,9 @@ def weighted_sum(weights: np.ndarray, values: np.ndarray, z: np.ndarray, chars: 
     fig.update_xaxes(type="category", showgrid=False)
     fig.update_yaxes(type="category", autorange="reversed", showgrid=False)
     fig.update_yaxes(**_char_ticks(chars), row=1)
+    fig.update_xaxes(showticklabels=False, row=1, col=3)  # z below names the same dimensions, under its title
     fig.update_layout(coloraxis=dict(colorscale=SIGNED, cmid=0, colorbar=dict(thickness=12)))
-    return _finish(fig, "", 200 + 16 * len(chars))
+    return _finish(fig, "", 240 + 16 * len(chars))
 
 
 def bipartite(weights: np.ndarray, chars: list[str], min_weight: float = 0.02, levels: int = 8) -> go.Figure:

@@ -50,7 +50,7 @@ def trick_view() -> None:
 def _version(title: str, fn, fig) -> None:
     st.subheader(title)
     code, picture = st.columns([1, 1])
-    code.code(inspect.getsource(fn), language="python")  # the code that just ran
+    code.code(inspect.getsource(fn), language="python", wrap_lines=True)  # the code that just ran; no line cut off
     with picture:
         widgets.chart(fig, title.split(":")[0].lower().replace(" ", "_"))
 
