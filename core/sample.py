@@ -1,6 +1,8 @@
 """Sample text from a checkpoint, streaming characters as they are drawn.
 
     python -m core.sample --ckpt pretrained/full --prompt "ROMEO:" --max-new-tokens 300 --seed 0
+
+Ctrl-C stops it: what was written stays, and the exit code is 130.
 """
 
 import argparse
@@ -10,6 +12,11 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .tokenizer import UnknownCharactersError
+
+# Below this a temperature samples as greedy decoding does: the model divides the logits by it,
+# and 1e-40 overflows float32 to inf, whose softmax is NaN. At 1e-6 a character differs from
+# the greedy one only where two logits are within a millionth of each other.
+GREEDY_BELOW = 1e-6
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +42,8 @@ def main(argv=None) -> int:
         if not ids:
             raise ValueError("the prompt is empty (after dropping unknown characters)")
         idx = torch.tensor([ids], dtype=torch.long)
-        stream = ckpt.model.generate_stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+        temperature = 0.0 if 0 < args.temperature < GREEDY_BELOW else args.temperature
+        stream = ckpt.model.generate_stream(idx, args.max_new_tokens, temperature, args.top_k, args.top_p,
                                             torch.Generator().manual_seed(args.seed))
         write_sample(args.prompt, stream, ckpt.tokenizer)
     except UnknownCharactersError as e:
@@ -46,6 +54,8 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays printed
+        return 130
     return 0
 
 
