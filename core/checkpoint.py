@@ -11,16 +11,18 @@ leaves the previous checkpoint as it was.
 """
 
 import json
+import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_tensors_from_bytes
 from safetensors.torch import load_file, save
 
+from .budget import BudgetError, check_config, check_tensors, dtype_name, expected_tensors
 from .data import Corpus
 from .model import GPT, GPTConfig
 from .tokenizer import CharTokenizer
@@ -28,7 +30,10 @@ from .trainer import Record, TrainConfig, Trainer
 
 FORMAT = "gpt-explorer-checkpoint"
 FORMAT_VERSION = 1
-MAX_MASK_BYTES = 10**9  # the causal masks (block_size² bytes a layer) a loaded model may build
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
+# Bytes per element of each safetensors dtype, to check a header's offsets against its shapes.
+ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+              "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 class CheckpointError(Exception):
@@ -132,22 +137,87 @@ def load_checkpoint(path) -> Checkpoint:
     if not weights_path.is_file():
         raise CheckpointError(f"missing {weights_path.name}: a checkpoint is a .safetensors file and a .json file side by side")
     meta_bytes = json_path.read_bytes()
+    unreadable = f"{weights_path.name} is not a readable safetensors file (truncated or not a checkpoint)"
     try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{weights_path.name} is not a readable safetensors file "
-                              f"(truncated or not a checkpoint): {e}") from e
-    return checkpoint_from(meta_bytes, tensors, name=json_path.stem)
+        with open(weights_path, "rb") as f:
+            head = f.read(8)
+            head += f.read(min(int.from_bytes(head, "little"), MAX_HEADER_BYTES))
+        headers = _headers(head, weights_path.stat().st_size)
+    except (ValueError, TypeError, KeyError, RecursionError, OSError) as e:
+        raise CheckpointError(f"{unreadable}: {e}") from e
+
+    def read():
+        try:
+            return load_file(weights_path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{unreadable}: {e}") from e
+
+    return _checkpoint(meta_bytes, headers, read, json_path.stem)
 
 
 def load_checkpoint_bytes(weights: bytes, meta: bytes, name: str = "uploaded") -> Checkpoint:
     """The same checks as load_checkpoint, for files that arrive as bytes (uploads)."""
+    unreadable = "the weights file is not a readable safetensors file (truncated or not a checkpoint)"
     try:
-        tensors = load_tensors_from_bytes(weights)
-    except Exception as e:  # safetensors raises several types for malformed bytes
-        raise CheckpointError(f"the weights file is not a readable safetensors file "
-                              f"(truncated or not a checkpoint): {e}") from e
-    return checkpoint_from(meta, tensors, name=name)
+        headers = _headers(weights, len(weights))
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
+        raise CheckpointError(f"{unreadable}: {e}") from e
+
+    def read():
+        try:
+            return load_tensors_from_bytes(weights)
+        except Exception as e:  # safetensors raises several types for malformed bytes
+            raise CheckpointError(f"{unreadable}: {e}") from e
+
+    return _checkpoint(meta, headers, read, name)
+
+
+def _headers(head: bytes, size: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) from the start of a safetensors file of `size` bytes: an 8-byte
+    little-endian length N, then N bytes of JSON. Read without reading a tensor, so that the
+    shapes are checked against the model before anything of their size is made."""
+    if len(head) < 8:
+        raise ValueError(f"it has {len(head)} bytes, fewer than the 8 that start a safetensors file")
+    n = int.from_bytes(head[:8], "little")
+    if n > MAX_HEADER_BYTES or 8 + n > min(len(head), size):
+        raise ValueError(f"its header ({n:,} bytes) does not fit in the file ({size:,} bytes)")
+    header = _json(head[8:8 + n])
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a mapping of names to tensors")
+    out, data_bytes = {}, size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and dtype in ITEM_BYTES):
+            raise ValueError(f"tensor {name} has no valid dtype and shape")
+        if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_bytes
+                and end - begin == math.prod(shape) * ITEM_BYTES[dtype]):
+            raise ValueError(f"tensor {name} claims shape {tuple(shape)}, which its {end - begin:,} bytes do not hold")
+        out[name] = dtype, tuple(shape)
+    return out
+
+
+def foreign_file(path) -> Path | None:
+    """The first of NAME's files that exists but is not part of a GPT Explorer checkpoint (a
+    user's own notes.json, say): saving at NAME would replace it."""
+    weights_path, json_path, _ = paths(path)
+    if json_path.exists():
+        try:
+            meta = _json(json_path.read_bytes())
+        except (ValueError, RecursionError, OSError):
+            meta = None
+        if not (isinstance(meta, dict) and meta.get("format") == FORMAT):
+            return json_path
+    if weights_path.exists():
+        try:
+            with safe_open(weights_path, "pt") as f:
+                ours = (f.metadata() or {}).get("format") == FORMAT  # every save writes this mark
+        except (SafetensorError, OSError, ValueError):
+            ours = False
+        if not ours:
+            return weights_path
+    return None
 
 
 def load_state(path) -> dict[str, torch.Tensor] | None:
@@ -162,40 +232,62 @@ def load_state(path) -> dict[str, torch.Tensor] | None:
 
 
 def checkpoint_from(meta_bytes: bytes, tensors: dict[str, torch.Tensor], name: str = "") -> Checkpoint:
+    """A Checkpoint from its JSON and tensors already in memory, with every check of load_checkpoint."""
+    headers = {k: (dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()}
+    return _checkpoint(meta_bytes, headers, lambda: tensors, name)
+
+
+def _checkpoint(meta_bytes: bytes, headers: dict, read_tensors, name: str) -> Checkpoint:
+    """Every check that needs no tensor comes first (the JSON, the budgets, the tensors' names,
+    shapes and dtypes); then read_tensors() reads them, and only then is the model built."""
     meta = _parse_meta(meta_bytes)
     try:
         config = GPTConfig.from_dict(meta["model_config"])
         tokenizer = CharTokenizer(meta["vocab"])
-        train_config = TrainConfig.from_dict(meta["train_config"]) if meta.get("train_config") else None
+        train_config = _train_config(meta.get("train_config"))
         record = _record(meta.get("record") or {})
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise CheckpointError(f"the JSON file describes an impossible model: {e}") from e
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"the vocabulary has {tokenizer.vocab_size} characters but the model "
                               f"config says vocab_size={config.vocab_size}")
-    check_size(config, len(tensors))
-    with torch.device("meta"):
-        expected = _saved_state(GPT(config))  # names and shapes only, no memory
-    _check_tensors(tensors, expected)
+    check_model(config, headers)
+    tensors = read_tensors()
+    bad = next((k for k, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"tensor {bad} holds NaN or infinite values")
     model = GPT(config)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    model.load_state_dict(state, strict=not config.tie_weights)
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=not config.tie_weights)
     model.eval()
     return Checkpoint(model, tokenizer, train_config, record, name, meta.get("extra") or {})
 
 
-def check_size(config: GPTConfig, n_tensors: int) -> None:
-    """Refuse a config that would cost far more than the weights behind it, before building it:
-    GPT makes one module and one block_size x block_size causal mask a layer whatever a file
-    holds, so a small file claiming 20,000 layers took 71 s to refuse, and a million-character
-    context would ask for a terabyte."""
-    if config.attention and config.n_layer > n_tensors:  # every layer has weights of its own
-        raise CheckpointError(f"the weights do not match the model config: it has {config.n_layer:,} layers, "
-                              f"the weights {n_tensors} tensors in all")
-    mask_bytes = config.n_layer * config.block_size**2 if config.attention else 0
-    if mask_bytes > MAX_MASK_BYTES:
-        raise CheckpointError(f"block_size {config.block_size:,} needs {mask_bytes / 1e9:,.1f} GB of causal masks "
-                              f"({config.n_layer} layer(s) of block_size² bytes); the limit is {MAX_MASK_BYTES / 1e9:.1f} GB")
+def check_model(config: GPTConfig, headers: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """The budgets (core.budget), then the tensors' names, shapes and dtypes, as CheckpointError."""
+    try:
+        check_config(config)
+        check_tensors(headers, expected_tensors(config))
+    except BudgetError as e:
+        raise CheckpointError(str(e)) from e
+
+
+SETTING_KINDS = {int: ((int,), "a whole number"), float: ((int, float), "a number"), str: ((str,), "a string")}
+
+
+def _train_config(d) -> TrainConfig | None:
+    """The saved training settings, each of its field's type (a resumed run uses them)."""
+    if not d:
+        return None
+    if not isinstance(d, dict):
+        raise ValueError("train_config is not a mapping of settings")
+    for f in fields(TrainConfig):  # before TrainConfig compares them with numbers
+        value = d.get(f.name, f.default)
+        kinds, words = SETTING_KINDS.get(type(f.default), ((int, type(None)), "a whole number or null"))
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"train_config.{f.name} must be {words}, got {value!r}")
+    if not -2**63 <= d.get("seed", 0) < 2**63:  # what a torch.Generator takes
+        raise ValueError(f"train_config.seed must be from -2**63 to 2**63 - 1, got {d['seed']}")
+    return TrainConfig.from_dict(d)
 
 
 def _record(d: dict) -> Record:
@@ -208,10 +300,29 @@ def _record(d: dict) -> Record:
     return record
 
 
+def _json(data: bytes):
+    """JSON whose numbers are finite and of a sane length: Python's json reads 1e999 as inf,
+    NaN as nan, and raises a bare ValueError for an integer of over 4,300 digits."""
+    return json.loads(data.decode("utf-8"), parse_float=_finite, parse_int=_int, parse_constant=_finite)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"it holds {text[:20]}, which is not a finite number")
+    return value
+
+
+def _int(text: str) -> int:
+    if len(text) > 30:
+        raise ValueError(f"it holds a number of {len(text):,} digits")
+    return int(text)
+
+
 def _parse_meta(meta_bytes: bytes) -> dict:
     try:
-        meta = json.loads(meta_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        meta = _json(meta_bytes)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise CheckpointError(f"the JSON file is not valid JSON: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError("the JSON file is not a GPT Explorer checkpoint description")
@@ -230,22 +341,6 @@ def _parse_meta(meta_bytes: bytes) -> dict:
     if not isinstance(meta.get("extra") or {}, dict):
         raise CheckpointError("the JSON file's extra notes are not a mapping of names to values")
     return meta
-
-
-def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"the weights do not match the model config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    for name, want in expected.items():
-        got = tensors[name]
-        if tuple(got.shape) != tuple(want.shape):
-            raise CheckpointError(f"tensor {name} has shape {tuple(got.shape)} but the config needs {tuple(want.shape)}")
-        if not got.is_floating_point():
-            raise CheckpointError(f"tensor {name} holds {got.dtype}, not floating-point weights")
-        if not bool(torch.isfinite(got).all()):
-            raise CheckpointError(f"tensor {name} holds NaN or infinite values")
 
 
 def save_trainer(path, trainer: Trainer, with_state: bool = True, dtype: torch.dtype | None = None,
@@ -268,7 +363,7 @@ def resume_trainer(path, corpus: Corpus, train_config: TrainConfig | None = None
     trainer = Trainer(ckpt.model.config, train_config or ckpt.train_config or TrainConfig(), corpus, model=ckpt.model)
     trainer.record = ckpt.record
     try:
-        trainer.load_state_tensors(state)
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"the saved optimizer state does not fit this model: {e}") from e
+        trainer.load_state_tensors(state)  # checks every tensor before it sets one
+    except ValueError as e:
+        raise CheckpointError(f"{paths(path)[2].name} does not fit this model: {e}") from e
     return trainer

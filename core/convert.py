@@ -21,11 +21,14 @@ import math
 import pickle
 import re
 import sys
+import zipfile
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, check_size, save_checkpoint
+from .budget import dtype_name
+from .checkpoint import Checkpoint, CheckpointError, check_model, save_checkpoint
 from .data import DataError, load_shakespeare, text_from_bytes
 from .model import GPT, GPTConfig
 from .tokenizer import CharTokenizer
@@ -56,30 +59,44 @@ def our_name(name: str) -> str | None:
 def load_nanogpt(source, vocab: list[str] | None = None, name: str = "nanogpt") -> Checkpoint:
     """A Checkpoint from nanoGPT's ckpt.pt (a path or a binary file object). vocab: the
     characters from meta.pkl or the training text; without one, a model of nanoGPT's
-    shakespeare_char dataset gets Tiny Shakespeare's."""
+    shakespeare_char dataset gets Tiny Shakespeare's. model_args and the tensors' names, shapes
+    and dtypes are checked (core.budget) before the model is built or a tensor converted."""
     raw = _read_ckpt(source)
-    args = raw["model_args"]
-    try:
-        config = GPTConfig(vocab_size=args["vocab_size"], block_size=args["block_size"], n_layer=args["n_layer"],
-                           n_head=args["n_head"], n_embd=args["n_embd"], dropout=args.get("dropout", 0.0),
-                           bias=args.get("bias", True), activation="gelu", tie_weights=True)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"ckpt.pt's model_args describe no possible model: {e}") from e
+    config = _config(raw["model_args"])
     vocab = vocab if vocab is not None else _default_vocab(_train_settings(raw))
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"the vocabulary has {len(vocab)} characters but the model has vocab_size "
                               f"{config.vocab_size}: is this a character-level model, with its own vocabulary?")
-    check_size(config, len(raw["model"]))
-    model = GPT(config)
     try:
-        model.load_state_dict(_our_state(raw["model"], config))  # strict: every tensor, every shape
-    except RuntimeError as e:
-        raise CheckpointError(f"the weights do not fit ckpt.pt's model_args: {e}") from e
+        tokenizer = CharTokenizer(vocab)
+    except ValueError as e:
+        raise CheckpointError(f"the vocabulary cannot be used: {e}") from e
+    state = _renamed(raw["model"])
+    lm_head = state.pop("lm_head.weight", None)  # nanoGPT ties it to wte: one matrix under two names
+    headers = {k: (dtype_name(t.dtype), tuple(t.shape)) for k, t in state.items()}
+    if config.bias:
+        headers["lm_head.bias"] = ("F32", (config.vocab_size,))  # nanoGPT's lm_head has none: ours is zeros
+    if lm_head is not None and (dtype_name(lm_head.dtype), tuple(lm_head.shape)) != headers.get(
+            "token_embedding_table.weight"):
+        raise CheckpointError("lm_head.weight differs from transformer.wte.weight, but nanoGPT ties them")
+    check_model(config, headers)
+    model = GPT(config)
+    model.load_state_dict(_our_state(state, lm_head, config))
     model.eval()
-    return Checkpoint(model, CharTokenizer(vocab), None, _record(raw), name, _notes(raw))
+    return Checkpoint(model, tokenizer, None, _record(raw), name, _notes(raw))
+
+
+def _config(args: dict) -> GPTConfig:
+    try:
+        return GPTConfig(vocab_size=args["vocab_size"], block_size=args["block_size"], n_layer=args["n_layer"],
+                         n_head=args["n_head"], n_embd=args["n_embd"], dropout=float(args.get("dropout", 0.0)),
+                         bias=args.get("bias", True), activation="gelu", tie_weights=True)
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise CheckpointError(f"ckpt.pt's model_args describe no possible model: {e}") from e
 
 
 def _read_ckpt(source) -> dict:
+    _check_uncompressed(source)
     try:
         raw = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -88,28 +105,68 @@ def _read_ckpt(source) -> dict:
         raise CheckpointError(f"ckpt.pt holds more than tensors and plain data ({what}), so "
                               "torch.load(weights_only=True) refuses it: loading it fully could run code") from e
     except Exception as e:  # torch.load raises many types for a missing or damaged file
-        raise CheckpointError(f"ckpt.pt could not be read: {str(e).splitlines()[0]}") from e
+        why = (str(e).splitlines() or [type(e).__name__])[0]  # an empty file raises a bare EOFError
+        raise CheckpointError(f"ckpt.pt could not be read (truncated, empty or damaged): {why}") from e
     if not (isinstance(raw, dict) and isinstance(raw.get("model"), dict) and isinstance(raw.get("model_args"), dict)):
         raise CheckpointError("this is not a checkpoint of nanoGPT's train.py: it has no 'model' and 'model_args'")
     return raw
 
 
-def _our_state(state: dict, config: GPTConfig) -> dict[str, torch.Tensor]:
+def _check_uncompressed(source) -> None:
+    """torch.save writes a zip archive of uncompressed entries, and torch.load also reads
+    compressed ones: a 40 KB ckpt.pt of deflated zeros unpacked to 40 MB (measured), so a
+    compressed entry is refused before anything is unpacked."""
+    try:
+        with open(source, "rb") if isinstance(source, (str, Path)) else _rewound(source) as f:
+            if f.read(4) != b"PK\x03\x04":
+                return  # not a zip: torch.load names what is wrong
+            f.seek(0)
+            packed = [i.filename for i in zipfile.ZipFile(f).infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as e:
+        raise CheckpointError(f"ckpt.pt could not be read: {e}") from e
+    if packed:
+        raise CheckpointError(f"ckpt.pt holds compressed entries ({packed[0]}), which torch.save never writes: "
+                              "they could unpack to far more than the file")
+
+
+class _rewound:
+    """A file object lent to a `with` block, put back at its start afterwards for torch.load."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self.f
+
+    def __exit__(self, *exc):
+        self.f.seek(0)
+
+
+def _renamed(state: dict) -> dict[str, torch.Tensor]:
+    """nanoGPT's tensors under this project's names, unconverted."""
     ours = {}
     for name, tensor in state.items():
         new = our_name(str(name))
         if new is None:
             continue
-        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and bool(tensor.isfinite().all())):
-            raise CheckpointError(f"{name} is not a tensor of finite floating-point weights")
-        ours[new] = tensor.float()
-    wte = ours.get("token_embedding_table.weight")
-    if wte is not None:  # without it, the strict load names what is missing
-        lm_head = ours.setdefault("lm_head.weight", wte)  # nanoGPT ties them: one matrix, saved under both names
-        if not torch.equal(lm_head, wte):
-            raise CheckpointError("lm_head.weight differs from transformer.wte.weight, but nanoGPT ties them")
+        if not (isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided):
+            raise CheckpointError(f"{name} is not a dense tensor")
+        ours[new] = tensor
+    return ours
+
+
+def _our_state(state: dict[str, torch.Tensor], lm_head: torch.Tensor | None, config: GPTConfig) -> dict:
+    """The state dict to load, once names, shapes and dtypes are known to fit: finite, float32."""
+    for name, tensor in state.items():
+        if not bool(tensor.isfinite().all()):
+            raise CheckpointError(f"{name} holds NaN or infinite values: not finite weights")
+    wte = state["token_embedding_table.weight"]
+    if lm_head is not None and not torch.equal(lm_head, wte):
+        raise CheckpointError("lm_head.weight differs from transformer.wte.weight, but nanoGPT ties them")
+    ours = {name: t.float() for name, t in state.items()}
+    ours["lm_head.weight"] = ours["token_embedding_table.weight"]
     if config.bias:
-        ours["lm_head.bias"] = torch.zeros(config.vocab_size)  # nanoGPT's lm_head has no bias
+        ours["lm_head.bias"] = torch.zeros(config.vocab_size)
     return ours
 
 
@@ -204,8 +261,13 @@ def vocab_from_meta(data: bytes) -> list[str]:
     if not isinstance(itos, dict) or set(itos) != set(range(len(itos))):
         raise CheckpointError("meta.pkl has no 'itos' mapping the ids 0..n-1 to characters")
     vocab = [itos[i] for i in range(len(itos))]
+    if not vocab:
+        raise CheckpointError("meta.pkl's itos is empty: a vocabulary needs at least one character")
     if not all(isinstance(ch, str) and len(ch) == 1 for ch in vocab):
         raise CheckpointError("meta.pkl's itos holds more than single characters: not a character-level vocabulary")
+    twice = next((ch for ch, n in Counter(vocab).items() if n > 1), None)
+    if twice is not None:
+        raise CheckpointError(f"meta.pkl's itos lists {twice!r} twice: each character needs one id")
     return vocab
 
 

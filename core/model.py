@@ -409,15 +409,18 @@ class KVCache:
         return int(self.lengths.max())
 
 
+GREEDY_BELOW = 1e-6  # a temperature this small is greedy: dividing by a tinier one overflows float32
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token of each row (B, 1) from its last logits (B, vocab), and the distribution it
-    was drawn from. temperature 0 (or one so small that dividing by it overflows) is greedy."""
-    scaled = logits / temperature if temperature > 0 else None
-    if scaled is None or not torch.isfinite(scaled).all():
+    was drawn from. temperature 0 is greedy, and so is one below GREEDY_BELOW (at 1e-6 a draw
+    differs from the argmax only where two logits are within a millionth of each other)."""
+    if temperature < GREEDY_BELOW:
         probs = F.softmax(logits, dim=-1)
         return probs.argmax(dim=-1, keepdim=True), probs
-    probs = F.softmax(_filter_logits(scaled, top_k, top_p), dim=-1)
+    probs = F.softmax(_filter_logits(logits / temperature, top_k, top_p), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator), probs
 
 

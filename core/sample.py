@@ -1,6 +1,8 @@
 """Sample text from a checkpoint, streaming characters as they are drawn.
 
     python -m core.sample --ckpt pretrained/full --prompt "ROMEO:" --max-new-tokens 300 --seed 0
+
+Ctrl-C stops it: what was written stays, and the exit code is 130.
 """
 
 import argparse
@@ -46,6 +48,8 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays printed
+        return 130
     return 0
 
 

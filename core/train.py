@@ -2,10 +2,14 @@
 
     python -m core.train --preset layernorm --max-iters 2000 --out runs/layernorm
     python -m core.train --out runs/layernorm --resume --max-iters 4000
+    python -m core.train --preset full --out runs/layernorm --overwrite
     torchrun --standalone --nproc_per_node=2 -m core.train --preset layernorm --out runs/ddp
 
 The engine is core.trainer.Trainer; this file only adds arguments, progress bars and saving.
-A checkpoint is written at every evaluation, so an interrupted run loses little.
+A checkpoint is written at every evaluation, so an interrupted run loses little. An existing
+checkpoint at --out is carried on with --resume or replaced with --overwrite, never silently;
+a file there that is not a checkpoint is never replaced. Exit codes: 0 done, 2 bad input,
+3 training diverged, 130 interrupted before training began.
 Under torchrun every process trains (see core.distributed); only rank 0 evaluates, prints
 and saves.
 """
@@ -21,20 +25,23 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import CheckpointError, load_checkpoint, resume_trainer, save_trainer
+from .budget import Budgets, check_config
+from .checkpoint import CheckpointError, foreign_file, load_checkpoint, paths, resume_trainer, save_trainer
 from .data import Corpus, DataError, load_shakespeare, text_from_bytes
 from .model import PRESETS, GPTConfig
 from .tokenizer import CharTokenizer, UnknownCharactersError
 from .trainer import PRECISIONS, TrainConfig, Trainer
 
 SAVE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_PRESET = "layernorm"
+DIVERGED = 3  # the exit code of a run whose loss diverged
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m core.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    m = p.add_argument_group("model (a lecture stage preset, then any size you override)")
-    m.add_argument("--preset", choices=list(PRESETS), default="layernorm", help="lecture stage (default: %(default)s)")
+    m = p.add_argument_group("model (a lecture stage preset, then any size you override; with --resume, the checkpoint's)")
+    m.add_argument("--preset", choices=list(PRESETS), help=f"lecture stage (default: {DEFAULT_PRESET})")
     m.add_argument("--n-layer", type=int, help="number of transformer blocks")
     m.add_argument("--n-head", type=int, help="attention heads per block")
     m.add_argument("--n-embd", type=int, help="embedding size C (divisible by n_head)")
@@ -71,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--data", help="a UTF-8 text file (default: Tiny Shakespeare, from $GPT_EXPLORER_DATA, data/ or downloaded)")
     io.add_argument("--out", default=None, help="checkpoint name, written as OUT.safetensors + OUT.json (default: runs/PRESET)")
     io.add_argument("--resume", action="store_true", help="carry on from the checkpoint at --out (needs its .state.safetensors)")
+    io.add_argument("--overwrite", action="store_true", help="replace the checkpoint at --out with a new run")
     io.add_argument("--save-dtype", choices=list(SAVE_DTYPES), default="float32",
                     help="precision of the saved weights (default: %(default)s)")
     io.add_argument("--keep-best", action="store_true",
@@ -79,11 +87,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SHAPE_OPTIONS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "activation")
+STAGE_SWITCHES = ("attention", "feed_forward", "residual", "layer_norm")  # what makes a preset that stage
+
+
 def model_config(args, vocab_size: int) -> GPTConfig:
-    overrides = {name: getattr(args, name) for name in
-                 ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "activation")
-                 if getattr(args, name) is not None}
-    return GPTConfig.from_preset(args.preset, vocab_size=vocab_size, **overrides)
+    overrides = {name: getattr(args, name) for name in SHAPE_OPTIONS if getattr(args, name) is not None}
+    return GPTConfig.from_preset(args.preset or DEFAULT_PRESET, vocab_size=vocab_size, **overrides)
+
+
+def check_same_model(args, config: GPTConfig) -> None:
+    """A resumed run keeps its checkpoint's model: a model option that says otherwise is refused,
+    not ignored."""
+    for name in SHAPE_OPTIONS:
+        given = getattr(args, name)
+        if given is not None and given != getattr(config, name):
+            raise ValueError(f"--{name.replace('_', '-')} {given} differs from the checkpoint's {name} "
+                             f"{getattr(config, name)}: a resumed run keeps its model (leave the option out, "
+                             "or start a new run at another --out)")
+    if args.preset:
+        stage = GPTConfig.from_preset(args.preset, vocab_size=config.vocab_size)
+        differ = [name for name in STAGE_SWITCHES if getattr(stage, name) != getattr(config, name)]
+        if differ:
+            raise ValueError(f"--preset {args.preset} differs from the checkpoint's model ({differ[0]}="
+                             f"{getattr(config, differ[0])}): a resumed run keeps its model")
+
+
+def check_out(args) -> None:
+    """A new run replaces an earlier checkpoint at --out only when asked, and a file that is no
+    checkpoint never."""
+    foreign = foreign_file(args.out)
+    if foreign is not None:
+        raise CheckpointError(f"{foreign} exists and is not a GPT Explorer checkpoint: choose another --out")
+    existing = next((p for p in paths(args.out) if p.exists()), None)
+    if existing is not None and not args.overwrite:
+        raise CheckpointError(f"a checkpoint is already at {args.out} ({existing.name}): pass --resume to carry on "
+                              "from it, or --overwrite to replace it")
 
 
 # Training options and the TrainConfig fields they set (threads and device belong to the machine).
@@ -96,7 +135,10 @@ TRAIN_OPTIONS = {"batch_size": "batch_size", "grad_accum_steps": "grad_accum_ste
 def train_config(args, base: TrainConfig) -> TrainConfig:
     """base (the defaults, or a resumed run's settings) with the options given on the command line."""
     given = {name: getattr(args, option) for option, name in TRAIN_OPTIONS.items() if getattr(args, option) is not None}
-    return TrainConfig(**{**base.to_dict(), **given, "threads": args.threads, "device": args.device})
+    config = TrainConfig(**{**base.to_dict(), **given, "threads": args.threads, "device": args.device})
+    if not -2**63 <= config.seed < 2**63:  # what a torch.Generator takes
+        raise ValueError(f"seed must be a whole number from -2**63 to 2**63 - 1, got {config.seed}")
+    return config
 
 
 def read_text(path: str | None) -> str:
@@ -114,13 +156,17 @@ def read_text(path: str | None) -> str:
 
 
 def make_trainer(args) -> Trainer:
-    text = read_text(args.data)
     if args.resume:
         saved = load_checkpoint(args.out)
-        corpus = Corpus(text, saved.model.config.block_size, saved.tokenizer)
+        check_same_model(args, saved.model.config)
+        args.preset = args.preset or str(saved.extra.get("preset", "resumed"))
+        corpus = Corpus(read_text(args.data), saved.model.config.block_size, saved.tokenizer)
         return resume_trainer(args.out, corpus, train_config(args, saved.train_config or TrainConfig()))
+    text = read_text(args.data)
     tokenizer = CharTokenizer.from_text(text)
+    args.preset = args.preset or DEFAULT_PRESET
     config = model_config(args, tokenizer.vocab_size)
+    check_config(config)  # the budgets a checkpoint must fit to be opened (core.budget)
     return Trainer(config, train_config(args, TrainConfig()), Corpus(text, config.block_size, tokenizer))
 
 
@@ -149,12 +195,20 @@ def machine(device: torch.device) -> str:
 
 
 def run(args) -> int:
-    args.out = args.out or os.path.join("runs", args.preset)
+    # NAME, whichever of NAME, NAME.json or NAME.safetensors was given (never NAME.json.json).
+    args.out = str(paths(args.out or os.path.join("runs", args.preset or DEFAULT_PRESET))[1])[:-len(".json")]
+    for note in Budgets.from_env().notes:
+        print(f"note: setting ignored: {note}", file=sys.stderr)
     try:
+        if not args.resume:
+            check_out(args)
         trainer = make_trainer(args)
     except (ValueError, DataError, UnknownCharactersError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before training began; nothing was saved", file=sys.stderr)
+        return 130
     cfg, tcfg = trainer.config, trainer.train_config
     main_process = trainer.rank == 0  # under torchrun the others train in silence
     processes = f" x {trainer.world_size} processes" if trainer.world_size > 1 else ""
@@ -163,12 +217,14 @@ def run(args) -> int:
               f"{cfg.n_head} heads, {cfg.n_embd} dims, block {cfg.block_size}) on {trainer.device}{processes}",
               file=sys.stderr)
     t0 = time.perf_counter()
+    written = []
 
     def save():
         # The JSON keeps how the checkpoint was made: pretrained/README.md is built from it.
         extra = dict(preset=args.preset, command=args.command, machine=machine(trainer.device),
                      wall_seconds=round(time.perf_counter() - t0, 1))
         save_trainer(args.out, trainer, with_state=not args.no_state, dtype=SAVE_DTYPES[args.save_dtype], extra=extra)
+        written[:] = paths(args.out)[:2 if args.no_state else 3]
     bar = tqdm(total=tcfg.max_iters, initial=trainer.record.iters, desc="training", unit="it", file=sys.stderr,
                disable=not main_process)
 
@@ -182,7 +238,7 @@ def run(args) -> int:
     def on_eval(losses):
         nonlocal best
         bar.write(f"step {trainer.record.iters}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        if trainer.record.iters > 0 and not (args.keep_best and losses["val"] >= best):
+        if trainer.record.iters > 0 and not trainer.diverged and not (args.keep_best and losses["val"] >= best):
             save()
         best = min(best, losses["val"])
 
@@ -200,12 +256,16 @@ def run(args) -> int:
         bar.close()
     wall = time.perf_counter() - t0
     if not main_process:
-        return 1 if trainer.diverged else 0
+        return DIVERGED if trainer.diverged else 0
+    saved = f"wrote {', '.join(map(str, written))}" if written else "nothing was saved"
+    if trainer.diverged:  # the last checkpoint written, if any, is from before the loss ran away
+        print(f"error: {trainer.stop_reason} {saved[0].upper()}{saved[1:]}.", file=sys.stderr)
+        return DIVERGED
     rec = trainer.record
     losses = f"val loss {rec.val_loss:.4f}, train loss {rec.train_loss:.4f}" if rec.val_loss is not None else "no loss estimate"
     print(f"{trainer.stop_reason}. {losses}, {wall:.1f} s, {rec.tokens / max(rec.seconds, 1e-9):,.0f} "
-          f"tokens/s in training steps; checkpoint {args.out}.json", file=sys.stderr)
-    return 1 if trainer.diverged else 0
+          f"tokens/s in training steps; {saved}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,4 +8,4 @@ set -euo pipefail
 out=${1:-pretrained/cpu-best}
 python3 -m core.train --preset full --n-layer 6 --n-head 6 --n-embd 192 --block-size 128 \
   --dropout 0.1 --max-iters 3000 --batch-size 32 --lr 2e-3 --min-lr 2e-4 --warmup-iters 200 \
-  --eval-interval 250 --eval-iters 20 --seed 1337 --threads 2 --keep-best --no-state --save-dtype float16 --out "$out"
+  --eval-interval 250 --eval-iters 20 --seed 1337 --threads 2 --keep-best --no-state --save-dtype float16 --overwrite --out "$out"

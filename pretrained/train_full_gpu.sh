@@ -7,4 +7,4 @@ set -euo pipefail
 out=${1:-pretrained/full-gpu}
 python3 -m core.train --preset full --device cuda --threads 8 --seed 1337 \
   --max-iters 3000 --batch-size 64 --lr 1e-3 --min-lr 1e-4 --warmup-iters 100 \
-  --eval-interval 250 --eval-iters 200 --save-dtype float16 --no-state --keep-best --out "$out"
+  --eval-interval 250 --eval-iters 200 --save-dtype float16 --no-state --keep-best --overwrite --out "$out"

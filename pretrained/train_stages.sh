@@ -15,5 +15,5 @@ for stage in bigram one_head multi_head ffn residual layernorm full; do
     full) shape=(--n-head 4 --n-layer 4 --dropout 0.1) ;;
     *) shape=(--n-head 4) ;;
   esac
-  python3 -m core.train --preset "$stage" "${shape[@]}" "${common[@]}" --out "$out/stage-$stage"
+  python3 -m core.train --preset "$stage" "${shape[@]}" "${common[@]}" --overwrite --out "$out/stage-$stage"
 done

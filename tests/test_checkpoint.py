@@ -196,9 +196,9 @@ CORRUPTIONS = {
                                  "record.iters must be a non-negative number"),
     "notes not a mapping": (edit_meta(lambda m: m.update(extra=["x"])), "extra notes are not a mapping"),
     "a million layers": (edit_meta(lambda m: m["model_config"].update(n_layer=1_000_000)),
-                         "it has 1,000,000 layers, the weights 28 tensors"),
+                         r"the model has 1,000,000 layers; this server allows at most 48 \(GPT_EXPLORER_MAX_LAYERS\)"),
     "a 100,000-character context": (edit_meta(lambda m: m["model_config"].update(block_size=100_000)),
-                                    r"needs 20\.0 GB of causal masks"),
+                                    r"causal masks for block_size 100,000: 20\.0 GB\); this server allows 256 MB"),
 }
 
 
