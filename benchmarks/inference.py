@@ -111,6 +111,8 @@ def room(rounds: int, settle: float) -> dict:
         progress(f"room round {i + 1}/{rounds}: one stream {one[-1]:.0f} characters/s; {ROOM} at once "
                  f"{many[-1]:.0f} characters/s ({many[-1] / one[-1]:.1f}x), whole text p50 {p50[-1]:.2f} s, "
                  f"p95 {p95[-1]:.2f} s; others {100 * busy.others:.0f}% of the CPU")
+    while engine.running:  # its thread ends on its own: let it, before the interpreter exits
+        time.sleep(0.01)
     speedups = [m / o for m, o in zip(many, one)]
     return dict(model=ROOM_MODEL.stem, requests=ROOM, chars=ROOM_CHARS, one_stream_chars_per_s=common.median(one),
                 room_chars_per_s=common.median(many), speedup=common.median(speedups), p50_s=common.median(p50),
