@@ -14,7 +14,7 @@ import torch
 from streamlit.runtime import caching
 from streamlit.testing.v1 import AppTest
 
-from core import GPT, visible
+from core import GPT, engine, visible
 from core.checkpoint import checkpoint_bytes, load_checkpoint, save_checkpoint
 from core.data import DATA_ENV
 from core.lens import ATTENTION_STEPS, attention_step, run_with_cache
@@ -260,17 +260,27 @@ def test_sample_streams_then_shows_odds_and_attention(pretrained):
     assert at.code[0].value == text  # picking a character does not sample again
 
 
+def test_the_lecture_window_is_an_option(pretrained):
+    at = start("sample")
+    at.slider(key="sample_length").set_value(60).run()  # past the window of 32: the two windows part
+    at.radio(key="sample_window").set_value("lecture").run()
+    text = generate(at).code[0].value
+    ckpt = load_checkpoint(pretrained)
+    ids = ckpt.tokenizer.encode("ROMEO:")
+    lecture = [t for t, _ in engine.stream(ckpt.model, ids, 60, seed=0, window="lecture")]
+    assert text == ckpt.tokenizer.decode(ids + lecture)
+
+
 @pytest.fixture
 def slow_sampling(monkeypatch):
-    """Every character takes 50 ms, so a sample outlasts a script run."""
-    stream = GPT.generate_stream
+    """Every character takes 50 ms in the sampling engine, so a sample outlasts a script run."""
+    sample_next = engine.sample_next
 
-    def slow(self, *args, **kwargs):
-        for out in stream(self, *args, **kwargs):
-            time.sleep(0.05)
-            yield out
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return sample_next(*args, **kwargs)
 
-    monkeypatch.setattr(GPT, "generate_stream", slow)
+    monkeypatch.setattr(engine, "sample_next", slow)
 
 
 def test_a_sample_is_written_by_a_thread_and_can_be_stopped(pretrained, slow_sampling):
@@ -299,11 +309,10 @@ def test_a_closed_tab_stops_its_sample(pretrained, slow_sampling):
 
 
 def test_a_sample_that_fails_shows_why_and_the_app_stays_up(pretrained, monkeypatch):
-    def broken(self, *args, **kwargs):
+    def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
-        yield
 
-    monkeypatch.setattr(GPT, "generate_stream", broken)
+    monkeypatch.setattr(engine, "sample_next", broken)
     at = generate(start("sample"))
     assert "Sampling failed: RuntimeError: out of memory" in texts(at.error)
     at.switch_page("views/attention.py").run()

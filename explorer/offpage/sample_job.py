@@ -1,14 +1,15 @@
-"""Sampling on a background thread: the text streams in while the page stays usable, and a
-click elsewhere no longer throws the sample away (a script run is stopped by any click).
+"""One Generate of the Sample view: a request written by the model's shared sampling engine
+(core.engine) on its background thread, so the text streams in while the page stays usable and
+a click elsewhere does not throw the sample away (a script run is stopped by any click).
 
 The job never calls st.*; the Sample view polls `result()` while `alive`.
 """
 
-import threading
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+
+from core.engine import Engine
 
 
 @dataclass
@@ -20,45 +21,32 @@ class Sample:
 
 
 class SampleJob:
-    """One Generate: `length` characters from `model` after `prompt_ids`, with `settings`
-    (temperature, top_k, top_p, generator) passed to model.generate_stream."""
+    """`length` characters after `prompt_ids` from `engine`'s model, with `settings` (temperature,
+    top_k, top_p, seed, window) as Engine.submit takes them."""
 
-    def __init__(self, model: torch.nn.Module, label: str, prompt_ids: list[int], length: int, settings: dict):
+    def __init__(self, engine: Engine, label: str, prompt_ids: list[int], length: int, settings: dict):
         self.label, self.prompt_ids, self.length = label, list(prompt_ids), length
-        self.error: str | None = None
-        self._new: list[int] = []
-        self._probs: list[np.ndarray] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(model, settings), name="gpt-explorer-sample",
-                                        daemon=True)
-        self._thread.start()
+        self._request = engine.submit(self.prompt_ids, length, **settings)
+        self._vocab = engine.model.config.vocab_size
 
-    def _run(self, model: torch.nn.Module, settings: dict) -> None:
-        try:
-            for token, p in model.generate_stream(torch.tensor([self.prompt_ids]), self.length, **settings):
-                with self._lock:
-                    self._new.append(int(token))
-                    self._probs.append(p[0].numpy())
-                if self._stop.is_set():
-                    return
-        except Exception as e:  # shown in this session; the server and the other sessions carry on
-            self.error = f"Sampling failed: {type(e).__name__}: {e}"
+    @property
+    def error(self) -> str | None:
+        error = self._request.error
+        return f"Sampling failed: {error}" if error else None
 
     def stop(self) -> None:
-        """Ask the thread to stop after its current character. Safe from any thread."""
-        self._stop.set()
+        """End this sample after the engine's current step (the others go on). Safe from any thread."""
+        self._request.stop()
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        self._request.wait(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return not self._request.done
 
     def result(self) -> Sample:
         """What it has written so far (all of it once it is no longer alive)."""
-        with self._lock:
-            new, probs = list(self._new), list(self._probs)
-        vocab = probs[0].shape[0] if probs else 0
-        return Sample(self.label, self.prompt_ids, new, np.stack(probs) if probs else np.zeros((0, vocab)))
+        new = list(self._request.new_ids)
+        probs = self._request.probs[:len(new)]  # appended first: never shorter than new_ids
+        return Sample(self.label, self.prompt_ids, new, np.stack(probs) if probs else np.zeros((0, self._vocab)))

@@ -8,12 +8,14 @@ from core import lens, visible
 from core.checkpoint import Checkpoint
 from core.lens import run_with_cache
 from explorer.glue import sidebar, widgets
+from explorer.glue.engines import engine_for
 from explorer.glue.session import session_threads
 from explorer.offpage import figures
 from explorer.offpage.sample_job import Sample, SampleJob
 
 TOP_CHARS = 15
 POLL_S = 0.5  # how often the page shows the characters written so far
+WINDOWS = {"fast": "Fast: slide by half a block", "lecture": "The lecture's: slide by one character"}
 
 
 def sample_view() -> None:
@@ -27,13 +29,19 @@ def sample_view() -> None:
     top_k = k_col.number_input("Top-k (0: off)", 0, ckpt.model.config.vocab_size, 0, key="sample_top_k")
     top_p = p_col.slider("Top-p (1: off)", 0.05, 1.0, 1.0, step=0.05, key="sample_top_p")
     seed = int(seed_col.number_input("Seed", value=0, step=1, key="sample_seed"))
+    window = st.radio("Window", list(WINDOWS), format_func=WINDOWS.get, horizontal=True, key="sample_window",
+                      help=f"Once the text is longer than the model's context ({ckpt.model.config.block_size} "
+                           "characters), the fast window runs by default: it drops half a block at once, so the "
+                           "model reuses what it computed for every character but one recompute per half block; "
+                           "the lecture's drops one character at a time and recomputes the whole context for "
+                           "every character, slower, and from then on writes other characters.")
     threads = session_threads()
     if prompt is not None and st.button("Generate", type="primary", key="sample_generate"):
         if threads.sample is not None:
             threads.sample.stop()  # a new Generate replaces one still writing
-        settings = dict(temperature=temperature, top_k=int(top_k) or None, top_p=top_p,
-                        generator=torch.Generator().manual_seed(seed))
-        threads.sample = SampleJob(ckpt.model, st.session_state.get(sidebar.MODEL), prompt.ids, length, settings)
+        settings = dict(temperature=temperature, top_k=int(top_k) or None, top_p=top_p, seed=seed, window=window)
+        threads.sample = SampleJob(engine_for(ckpt.model), st.session_state.get(sidebar.MODEL), prompt.ids, length,
+                                   settings)
     job = threads.sample
     if job is None or job.label != st.session_state.get(sidebar.MODEL):
         return
