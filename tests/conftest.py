@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from core.data import DATA_ENV
 from explorer.glue.sidebar import PRETRAINED_ENV
+from explorer.offpage.room import ROOM_DIR_ENV
 from helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +26,8 @@ def pytest_configure(config):
     if not os.environ.get(DATA_ENV) and SHARED_COPY.is_file():
         os.environ[DATA_ENV] = str(SHARED_COPY)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # Trainings started by tests join a throw-away room, never the repository's runs/room/.
+    os.environ.setdefault(ROOM_DIR_ENV, tempfile.mkdtemp(prefix="gpt-explorer-room-"))
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,9 @@ Where models come from, in the order the picker lists them:
 - uploaded: a .safetensors + .json pair uploaded in this browser session, or nanoGPT's
   ckpt.pt (with its meta.pkl or training text), converted in memory (core.convert);
 - trained here: `trained_models()`, one entry a training run of this session, published
-  by `publish_training` as soon as it stops or finishes, whatever view the user is on.
+  by `publish_training` as soon as it stops or finishes, whatever view the user is on;
+- room: another participant's training (or one's own from before a restart), opened from the
+  Board (explorer/glue/room_glue.py), read from the room's checkpoint files.
 """
 
 import io
@@ -20,6 +22,7 @@ from core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_c
 from core.convert import load_nanogpt, vocab_from_meta, vocab_from_text
 from core.data import DataError, text_from_bytes
 from core.stages import describe, stage_of
+from explorer.glue import room_glue
 from explorer.glue.session import session_threads
 from explorer.glue.widgets import escape_markdown
 
@@ -104,6 +107,7 @@ def load_nanogpt_upload(files: list) -> Checkpoint:
 def model_choices() -> dict[str, Callable[[], Checkpoint]]:
     """Picker label -> how to get that checkpoint. The session's own models come first."""
     choices = {f"{name} (trained here)": (lambda c=ckpt: c) for name, ckpt in trained_models().items()}
+    choices.update(room_glue.room_choices())  # the room's models this session opened from the Board
     for path in pretrained_paths():
         choices[f"{path.stem} (pretrained)"] = lambda p=path: load_pretrained(str(p), p.stat().st_mtime)
     for name, ckpt in uploaded_models().items():

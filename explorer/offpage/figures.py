@@ -6,6 +6,7 @@ Matrices go in as numpy float32 (Plotly then sends them base64-encoded; Python l
 Rows run top to bottom, as in a printed matrix: row i of an attention matrix is query i.
 """
 
+import html
 import math
 
 import numpy as np
@@ -226,3 +227,29 @@ def head_lines(iters: np.ndarray, values: np.ndarray, title: str, y_title: str) 
     fig.update_xaxes(title="step")
     fig.update_yaxes(title=y_title)
     return _finish(fig, title, 320)
+
+
+def board_curves(curves: list[tuple[str, np.ndarray, np.ndarray]], own: set[int] = frozenset(),
+                 leaders: int = 10) -> go.Figure:
+    """The room's val losses, one curve per training, in board order: (label, steps, losses).
+    The first `leaders` and the viewer's own (indices in `own`) are named lines; the rest share
+    one grey trace (NaN-separated), which keeps a 200-training room one quick figure. Labels are
+    participants' names: HTML-escaped, since Plotly renders tags in legends and hovers."""
+    fig = go.Figure()
+    rest_x, rest_y = [], []
+    for i, (label, steps, losses) in enumerate(curves):
+        if i < leaders or i in own:
+            name = html.escape(label)
+            fig.add_trace(go.Scatter(x=steps, y=np.asarray(losses, dtype=np.float32), mode="lines+markers", name=name,
+                                     line=dict(width=4 if i in own else 2), hovertemplate=f"{name}<br>step %{{x}}<br>"
+                                     "val loss %{y:.3f}<extra></extra>"))
+        else:
+            rest_x += [steps, [np.nan]]
+            rest_y += [np.asarray(losses, dtype=np.float32), [np.nan]]
+    if rest_x:
+        fig.add_trace(go.Scatter(x=np.concatenate(rest_x).astype(np.float64), y=np.concatenate(rest_y).astype(np.float32),
+                                 mode="lines", name=f"the other {len(curves) - leaders - len([i for i in own if i >= leaders])}",
+                                 line=dict(width=1, color="#bdbdbd"), hoverinfo="skip"))
+    fig.update_xaxes(title="step")
+    fig.update_yaxes(title="val loss (the board's windows)")
+    return _finish(fig, "Val loss of every training", 420)
