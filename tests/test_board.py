@@ -2,7 +2,6 @@
 resuming one's own training, the teacher's actions and the banner they push, and that no
 participant reaches a teacher's action without the token."""
 
-import inspect
 import threading
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from test_room import TEXT, tiny_trainer
 
 from explorer.glue.room_glue import SEAT, TOKEN, TOKEN_ENV
 from explorer.offpage.room import ROOM_DIR_ENV, open_room
-from explorer.offpage.training_run import TrainingRunner
 from helpers import figure, rerun_until, wait_for
 
 APP = Path(__file__).resolve().parent.parent / "explorer" / "app.py"
@@ -30,22 +28,6 @@ def room(tmp_path, monkeypatch, pretrained):
     yield open_room(tmp_path / "room")
     st.cache_resource.clear()
     assert wait_for(lambda: threading.active_count() <= before, timeout=30)
-
-
-@pytest.fixture
-def reporting(monkeypatch):
-    """The runner calls its room reporter after each evaluation, as training_run.py is to do
-    (the wiring is its owner's change): patched in where it does not yet."""
-    if "room_reporter" in inspect.getsource(TrainingRunner._on_eval):
-        return
-    original = TrainingRunner._on_eval
-
-    def on_eval(self, losses):
-        original(self, losses)
-        if getattr(self, "room_reporter", None) is not None:
-            self.room_reporter(self.trainer)
-
-    monkeypatch.setattr(TrainingRunner, "_on_eval", on_eval)
 
 
 def open_view(view: str, seat: str | None = None, **state) -> AppTest:
@@ -105,7 +87,7 @@ def test_the_board_ranks_the_room_marks_my_row_and_opens_a_model_in_every_view(r
     assert "vocabulary" in at.warning[0].value  # the room's model read the prompt (its text lacks some letters)
 
 
-def test_a_participant_joins_with_a_unique_name_and_their_training_reports_to_the_board(room, reporting):
+def test_a_participant_joins_with_a_unique_name_and_their_training_reports_to_the_board(room):
     def script():
         import streamlit as st
 
@@ -144,7 +126,7 @@ def test_a_participant_joins_with_a_unique_name_and_their_training_reports_to_th
     assert room.curves()[entry.id][0].tolist() == [0, 20, 40, 60]  # the server's val loss at each evaluation
 
 
-def test_the_owner_resumes_an_interrupted_training_from_its_last_checkpoint(room, reporting):
+def test_the_owner_resumes_an_interrupted_training_from_its_last_checkpoint(room):
     me, seat = room.join("Ada")
     training = room.add_training(me.id, "layernorm run 1", "demo", "s", 60, TEXT)
     trainer = tiny_trainer(max_iters=60, n_layer=1)

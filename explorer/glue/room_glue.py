@@ -76,17 +76,36 @@ def participant() -> Participant | None:
 
 def _join() -> None:
     try:
-        me, new_seat = room().join(st.session_state.get(NAME, ""))
+        _take_seat(*room().join(st.session_state.get(NAME, "")))
     except RoomError as e:
         st.session_state[JOIN_ERROR] = str(e)
         return
     st.session_state[JOIN_ERROR] = None
+
+
+def _take_seat(me: Participant, new_seat: str) -> Participant:
     st.session_state[SEAT] = new_seat
     st.query_params[SEAT_PARAM] = new_seat
+    return me
+
+
+def _join_on_start() -> Participant:
+    """Start without joining first: the name typed in the box, or the first free "Participant N"
+    (a laptop alone never has to name itself). A taken typed name is an error, said on Start."""
+    typed = st.session_state.get(NAME, "").strip()
+    if typed:
+        return _take_seat(*room().join(typed))
+    n = len(room().participants()) + 1
+    while True:
+        try:
+            return _take_seat(*room().join(f"Participant {n}"))
+        except RoomError:
+            n += 1
 
 
 def name_box() -> Participant | None:
-    """This session's participant, or a box for the name their trainings will carry on the board."""
+    """This session's participant, or a box for the name their trainings will carry on the board
+    (Start joins with it, or with a name of its own if the box is empty)."""
     me = participant()
     if me is not None:
         st.caption(f"On the room's board as **{escape_markdown(me.name)}**. The address of this page holds your seat: "
@@ -108,9 +127,7 @@ def shape(settings: Settings) -> str:
 def enter(runner, settings: Settings, recipe: str, text: str | None) -> int:
     """Put a new training on the board before its runner starts. text: the participant's own
     (None: Tiny Shakespeare). Raises RoomError (no name yet, the room's disk is full)."""
-    me = participant()
-    if me is None:
-        raise RoomError("give your name first: it is shown on the room's board")
+    me = participant() or _join_on_start()
     r = room()
     training = r.add_training(me.id, runner.name, recipe, shape(settings), settings.max_iters, text)
     follow(training, runner)

@@ -83,6 +83,7 @@ class TrainingRunner:
                  sample_every: int = 200, snapshot_every: int = 50, sample_chars: int = 200, chunk: int = 10,
                  name: str = "training"):
         self.trainer, self.name = trainer, name
+        self.room_reporter = None  # called with the Trainer after each evaluation: the room saves and measures there
         self.slots = slots
         self.probe = torch.tensor([probe_ids[: trainer.config.block_size]]) if probe_ids else None
         self.sample_every, self.snapshot_every = sample_every, snapshot_every
@@ -165,6 +166,8 @@ class TrainingRunner:
 
     def _on_eval(self, losses: dict[str, float]) -> None:
         self._add("evals", dict(iter=self.trainer.record.iters, train_loss=losses["train"], val_loss=losses["val"]))
+        if self.room_reporter is not None and not self.trainer.diverged:
+            self.room_reporter(self.trainer)
 
     def _look(self) -> None:
         """Sample and snapshot attention when their intervals come round, and at the last step."""

@@ -13,11 +13,12 @@ from core import PRESETS, stage_of
 from core.checkpoint import checkpoint_bytes
 from core.data import DataError, check_length, text_from_bytes
 from core.lens import head_stats
-from explorer.glue import widgets
+from explorer.glue import room_glue, widgets
 from explorer.glue.session import SessionThreads, session_threads
 from explorer.glue.train_setup import make_trainer, step_ms, training_slots
 from explorer.offpage import figures
-from explorer.offpage.recipes import RECIPES, Settings, count_params, probe_ids, read_limits
+from explorer.offpage.recipes import RECIPES, Settings, count_params, probe_ids
+from explorer.offpage.room import RoomError
 from explorer.offpage.training_run import TrainingRunner
 
 SOURCES = ("Tiny Shakespeare", "Upload a .txt file", "Paste text")
@@ -29,7 +30,7 @@ HELD = K + "snapshot_held"  # the user picked an older snapshot: stop following 
 
 def train_view() -> None:
     st.title("Train")
-    limits, problems = read_limits()
+    limits, problems = room_glue.room().limits()  # the teacher's caps where set, else the environment's
     for problem in problems:
         st.warning(f"Server setting ignored: {problem}")
     threads = session_threads()
@@ -79,6 +80,7 @@ def setup(limits) -> None:
     ready = estimate(settings, limits)
     if st.session_state.get(ERROR):
         st.error(st.session_state[ERROR])
+    room_glue.name_box()
     st.button("Start", type="primary", disabled=not ready, on_click=start, args=(limits,), key=K + "start")
 
 
@@ -173,6 +175,12 @@ def start(limits) -> None:
     threads.runner = TrainingRunner(trainer, training_slots(limits.max_trainings), probe_ids=probe,
                                     sample_every=max(100, trainer.train_config.eval_interval),
                                     name=f"{stage_of(trainer.config)} run {threads.runs}")
+    try:
+        room_glue.enter(threads.runner, current_settings(), st.session_state[K + "recipe"], current_text(limits))
+    except RoomError as e:
+        threads.runner = None
+        st.session_state[ERROR] = f"Cannot start: {e}"
+        return
     threads.published = 0
     threads.runner.start()
 
