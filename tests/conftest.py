@@ -14,7 +14,7 @@ import torch
 from core.data import DATA_ENV
 from explorer.glue.sidebar import PRETRAINED_ENV
 from explorer.offpage.room import ROOM_DIR_ENV
-from helpers import wait_for
+from helpers import no_more_threads_than, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_COPY = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -77,4 +77,4 @@ def app_server(tiny_checkpoint, monkeypatch):
     st.cache_resource.clear()
     yield
     st.cache_resource.clear()  # releases every session's threads: they are asked to stop
-    assert wait_for(lambda: threading.active_count() <= before, timeout=30)
+    assert wait_for(no_more_threads_than(before), timeout=30), threading.enumerate()

@@ -2,7 +2,9 @@
 the app's Plotly figures back out of AppTest, and several browser sessions in AppTest."""
 
 import base64
+import gc
 import json
+import threading
 import time
 from contextlib import contextmanager
 
@@ -36,6 +38,12 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def no_more_threads_than(n: int):
+    """A predicate for wait_for: at most n threads. A closed session's runner goes with a garbage
+    collection, and the room's watcher thread ends within a second of the last runner it follows."""
+    return lambda: gc.collect() is not None and threading.active_count() <= n
 
 
 @contextmanager

@@ -15,6 +15,7 @@ import io
 import json
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+import streamlit as st
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save
@@ -41,7 +43,7 @@ from core.trainer import Trainer
 from explorer.glue.session import session_threads
 from explorer.glue.sidebar import PRETRAINED_ENV, pretrained_paths
 from explorer.offpage import recipes
-from helpers import as_session, rerun_until, tiny_model, wait_for
+from helpers import as_session, no_more_threads_than, rerun_until, tiny_model, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "explorer" / "app.py"
@@ -93,7 +95,24 @@ UPLOADS = {
     "a ckpt.pt of random bytes": (lambda w, m, marker: [("ckpt.pt", NOISE, BINARY)], "or it is damaged"),
     "a file of another kind": (lambda w, m, marker: [("notes.txt", b"hello", "text/plain")],
                                "one .safetensors file and one .json file"),
+    "float8 weights": (lambda w, m, marker: pair(float8(w), edited(m)), "not floating-point weights"),
+    "a JSON integer of 5,000 digits": (lambda w, m, marker: pair(w, edited(m).replace(b'"seed": 1337', b'"seed": ' + b"9" * 5000)),
+                                       "not valid JSON"),
+    "a JSON number past float": (lambda w, m, marker: pair(w, edited(m).replace(b'"dropout": 0.0', b'"dropout": 1e999')),
+                                 "not valid JSON"),
+    "a 0-byte ckpt.pt alone": (lambda w, m, marker: [("ckpt.pt", b"", BINARY)], "ckpt.pt"),
+    "a meta.pkl listing a character twice": (
+        lambda w, m, marker: [("ckpt.pt", b"", BINARY),
+                              ("meta.pkl", pickle.dumps({"vocab_size": 2, "itos": {0: "a", 1: "a"}, "stoi": {"a": 0}}),
+                               BINARY)], "twice"),
+    "a small file claiming a 5,000-character context": (
+        lambda w, m, marker: pair(w, edited(m, model_config={**m["model_config"], "block_size": 5000, "n_layer": 39})),
+        "this server allows"),
 }
+
+
+def float8(weights: bytes) -> bytes:
+    return save({k: v.to(torch.float8_e4m3fn) for k, v in load_tensors(weights).items()})
 
 
 @pytest.mark.parametrize("case", list(UPLOADS))
@@ -386,11 +405,11 @@ def test_sessions_that_come_and_go_leave_no_threads_or_memory(app_server, monkey
     monkeypatch.setenv("GPT_EXPLORER_MAX_PARAMS", "10000000")
     threads = threading.active_count()  # a thread of an earlier test may still be ending: at most this many
     come_and_go(10)  # the first round warms up: imports, caches, the allocator's pools
-    assert wait_for(lambda: threading.active_count() <= threads)
+    assert wait_for(no_more_threads_than(threads), timeout=60), threading.enumerate()
     rss, trainers = [live_rss_mb()], []
     for _ in range(2):  # a leak grows every round; the allocator's noise does not
         trainers += come_and_go(10)
-        assert wait_for(lambda: threading.active_count() <= threads), threading.enumerate()
+        assert wait_for(no_more_threads_than(threads), timeout=60), threading.enumerate()
         rss.append(live_rss_mb())
     # Ten trainers kept by mistake hold 140 MB or more (172 MB, measured with runners kept on
     # purpose); rounds that keep nothing moved it by -9 to +17 MB, once (in 1 of 4 full runs of
@@ -425,3 +444,52 @@ def test_the_server_config_fits_the_caps_and_sends_nothing_out():
     max_upload = config["server"]["maxUploadSize"] * 2**20  # Streamlit counts MiB
     lecture_model = recipes.count_params(GPTConfig.from_preset("full", vocab_size=65)) * 4  # float32
     assert lecture_model < max_upload and recipes.read_limits()[0].max_text_bytes <= max_upload
+
+
+def test_a_refused_upload_is_remembered_not_parsed_again(pretrained, monkeypatch):
+    from explorer.glue import sidebar
+    calls = []
+    real = sidebar.load_upload
+    monkeypatch.setattr(sidebar, "load_upload", lambda files: calls.append(1) or real(files))
+    at = start("attention")
+    at.sidebar.file_uploader(key="upload").set_value(pair(NOISE, b"{}")).run()
+    assert "Not a valid checkpoint" in texts(at.sidebar.error) and len(calls) == 1
+    at.selectbox(key="attn_layer").set_value(1).run()  # an unrelated click
+    at.radio(key="attn_step").set_value("raw").run()
+    assert "Not a valid checkpoint" in texts(at.sidebar.error) and len(calls) == 1  # said again, not parsed again
+    assert not at.exception and at.get("plotly_chart")
+
+
+def test_one_sessions_uploads_share_a_memory_budget(pretrained, monkeypatch):
+    monkeypatch.setenv("GPT_EXPLORER_MAX_UPLOADS_MB", "1")  # the tiny model's weights are about 0.1 MB
+    weights, meta = pretrained.with_suffix(".safetensors").read_bytes(), pretrained.read_bytes()
+    at = start("attention")
+    for i in range(20):
+        at.sidebar.file_uploader(key="upload").set_value([(f"m{i}.safetensors", weights, BINARY),
+                                                          (f"m{i}.json", meta, JSON)]).run()
+        if at.sidebar.error:
+            break
+    assert "the server allows 1 MiB a session" in texts(at.sidebar.error)
+    assert 1 < i < 19 and not at.exception  # some fitted, the one over the budget was refused
+    assert at.sidebar.selectbox(key="model").value.endswith("(uploaded)") and at.get("plotly_chart")
+
+
+def test_broken_files_in_the_pretrained_folder_are_listed_and_the_rest_works(tiny_checkpoint, tmp_path, monkeypatch):
+    folder = tmp_path / "pretrained"
+    folder.mkdir()
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(tiny_checkpoint.with_suffix(suffix), folder / f"tiny{suffix}")
+    weights = tiny_checkpoint.with_suffix(".safetensors").read_bytes()
+    (folder / "a-float8.safetensors").write_bytes(float8(weights))  # first in the list: the default choice
+    shutil.copy(tiny_checkpoint, folder / "a-float8.json")
+    shutil.copy(tiny_checkpoint, folder / "b-half-copied.json")  # its weights never arrived
+    monkeypatch.setenv(PRETRAINED_ENV, str(folder))
+    st.cache_resource.clear()
+    for view in ("attention", "lecture"):
+        at = start(view)
+        assert not at.exception, [e.value for e in at.exception]
+        assert at.sidebar.selectbox(key="model").value == "tiny (pretrained)"
+        assert at.get("plotly_chart")
+        warned = texts(at.sidebar.warning) + texts(at.warning)
+        assert "a-float8" in warned and "b-half-copied" in warned
+    st.cache_resource.clear()

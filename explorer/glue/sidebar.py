@@ -18,6 +18,7 @@ from pathlib import Path, PureWindowsPath
 
 import streamlit as st
 
+from core.budget import env_int
 from core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_checkpoint_bytes
 from core.convert import load_nanogpt, vocab_from_meta, vocab_from_text
 from core.data import DataError, text_from_bytes
@@ -35,7 +36,11 @@ CHECKPOINT = "checkpoint"  # the Checkpoint that label resolved to in this run, 
 UPLOADER = "upload"
 UPLOADED = "uploaded_models"  # name -> Checkpoint, from this session's uploads
 LAST_UPLOAD = "last_upload"  # file ids of the pair already loaded, so a rerun does not reload it
+REFUSED = "refused_uploads"  # file ids -> why they were refused, so a rerun does not parse them again
 TRAINED = "trained_models"  # name -> Checkpoint, trained in this browser session
+UPLOADS_ENV = "GPT_EXPLORER_MAX_UPLOADS_MB"  # the weights one session's uploads may hold in the server's memory
+UPLOADS_MB = 200
+
 
 def pretrained_dir() -> Path:
     return Path(os.environ.get(PRETRAINED_ENV) or ROOT / "pretrained")
@@ -45,10 +50,34 @@ def pretrained_paths() -> list[Path]:
     return sorted(pretrained_dir().glob("*.json"))
 
 
-@st.cache_resource(max_entries=8, show_spinner="Loading the checkpoint…")
+@st.cache_resource(max_entries=16, show_spinner="Loading the checkpoint…")
 def load_pretrained(path: str, mtime: float) -> Checkpoint:
     """One copy per file version (mtime is in the key) for every session: read it, never train it."""
     return load_checkpoint(path)
+
+
+@st.cache_resource
+def _broken() -> dict[tuple[str, float], str]:
+    """(path, mtime) -> why that pretrained file does not load: found once, for every session."""
+    return {}
+
+
+def pretrained_checkpoints() -> tuple[dict[Path, Checkpoint], dict[str, str]]:
+    """Every pretrained checkpoint that loads, by path, and the others by name with the reason.
+    A broken file (a half-finished copy, weights in an unknown format) is listed, never fatal."""
+    good, bad = {}, {}
+    for path in pretrained_paths():
+        try:
+            good[path] = load_pretrained(str(path), path.stat().st_mtime)
+        except (CheckpointError, OSError) as e:
+            bad[path.stem] = str(e)
+    return good, bad
+
+
+def broken_note(bad: dict[str, str]) -> None:
+    if bad:
+        st.warning("Not loaded from the pretrained folder: " + "; ".join(
+            f"**{escape_markdown(name)}** ({escape_markdown(why)})" for name, why in bad.items()))
 
 
 def trained_models() -> dict[str, Checkpoint]:
@@ -108,8 +137,10 @@ def model_choices() -> dict[str, Callable[[], Checkpoint]]:
     """Picker label -> how to get that checkpoint. The session's own models come first."""
     choices = {f"{name} (trained here)": (lambda c=ckpt: c) for name, ckpt in trained_models().items()}
     choices.update(room_glue.room_choices())  # the room's models this session opened from the Board
+    broken = _broken()
     for path in pretrained_paths():
-        choices[f"{path.stem} (pretrained)"] = lambda p=path: load_pretrained(str(p), p.stat().st_mtime)
+        if (str(path), path.stat().st_mtime) not in broken:
+            choices[f"{path.stem} (pretrained)"] = lambda p=path: load_pretrained(str(p), p.stat().st_mtime)
     for name, ckpt in uploaded_models().items():
         choices[f"{name} (uploaded)"] = lambda c=ckpt: c
     return choices
@@ -124,6 +155,10 @@ def model_sidebar(select_new: bool = False) -> None:
     with st.sidebar.expander("Upload a checkpoint"):
         _upload_box()
     choices = model_choices()
+    broken = {Path(path).stem: why for (path, _), why in _broken().items() if Path(path).exists()}
+    if broken:
+        with st.sidebar:
+            broken_note(broken)
     st.session_state[CHECKPOINT] = None
     if not choices:
         picker.info(f"No checkpoints in `{pretrained_dir()}`. Upload a `.safetensors` + `.json` pair below, "
@@ -133,6 +168,11 @@ def model_sidebar(select_new: bool = False) -> None:
     try:
         ckpt = choices[label]()
     except (CheckpointError, OSError) as e:
+        if label.endswith(" (pretrained)"):  # left out of every session's list from now on, and said so
+            path = pretrained_dir() / f"{label.removesuffix(' (pretrained)')}.json"
+            _broken()[(str(path), path.stat().st_mtime)] = str(e)
+            st.session_state.pop(MODEL, None)
+            st.rerun()
         picker.error(f"Could not load {escape_markdown(label)}: {escape_markdown(str(e))}")
         return
     st.session_state[CHECKPOINT] = ckpt
@@ -149,15 +189,37 @@ def _upload_box() -> None:
     ids = tuple(sorted(f.file_id for f in files))
     if ids == st.session_state.get(LAST_UPLOAD):
         return
+    refused = st.session_state.setdefault(REFUSED, {})
+    if ids in refused:  # said once; parsing it again on every click would cost the server each time
+        st.error(refused[ids])
+        return
     try:
         ckpt = load_upload(files)
+        _check_session_uploads(ckpt)
     except CheckpointError as e:
-        st.error(f"Not a valid checkpoint: {escape_markdown(str(e))}")
+        refused[ids] = f"Not a valid checkpoint: {escape_markdown(str(e))}"
+        st.error(refused[ids])
         return
     uploaded_models()[ckpt.name] = ckpt
     st.session_state[LAST_UPLOAD] = ids
     st.session_state[MODEL] = f"{ckpt.name} (uploaded)"  # show what was just uploaded
     st.success(f"Loaded {escape_markdown(ckpt.name)}.")
+
+
+def _check_session_uploads(ckpt: Checkpoint) -> None:
+    """One session's uploads share a budget of the server's memory (UPLOADS_ENV): each model is
+    within the budgets of core.budget, and together they are within this one."""
+    problems: list[str] = []
+    limit = env_int(UPLOADS_ENV, UPLOADS_MB, problems) * 2**20
+    held = sum(_weight_bytes(c) for name, c in uploaded_models().items() if name != ckpt.name)
+    if held + _weight_bytes(ckpt) > limit:
+        raise CheckpointError(f"this session's uploads would hold {(held + _weight_bytes(ckpt)) / 2**20:,.0f} MiB of "
+                              f"weights; the server allows {limit / 2**20:,.0f} MiB a session ({UPLOADS_ENV}). "
+                              "Reload the page to start afresh.")
+
+
+def _weight_bytes(ckpt: Checkpoint) -> int:
+    return sum(p.numel() * p.element_size() for p in ckpt.model.parameters())
 
 
 def checkpoint() -> Checkpoint | None:

@@ -16,11 +16,12 @@ SAMPLE_CHARS = 200
 
 def lecture_view() -> None:
     st.title("The lecture, stage by stage")
-    paths = sidebar.pretrained_paths()
-    if not paths:
+    loaded, broken = sidebar.pretrained_checkpoints()
+    sidebar.broken_note(broken)
+    if not loaded:
         st.info(f"No checkpoints in `{sidebar.pretrained_dir()}`: train them with the scripts in pretrained/.")
         return
-    checkpoints = [sidebar.load_pretrained(str(p), p.stat().st_mtime) for p in paths]
+    paths, checkpoints = list(loaded), list(loaded.values())
     frame = table(checkpoints)  # in the lecture's order
     st.markdown("Each `stage-*` model adds one step of the lecture to the one before, all trained at one "
                 "shape for the same number of steps, so the losses compare fairly. The lecture's own losses "
