@@ -119,6 +119,26 @@ def _where(mask: torch.Tensor, value: torch.Tensor | float) -> Callable[[torch.T
     return edit
 
 
+def _copy_c_loses_head_c(value: torch.Tensor | float, copies: int, n_head: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ranking's edit of hook_z on `copies` stacked runs: copy c < n_head loses head c. In
+    place, so only the knocked-out slices are written (torch.where would rewrite the whole
+    batch); safe here, with no gradients and no cache."""
+    def edit(z: torch.Tensor) -> torch.Tensor:
+        stacked = z.view(copies, -1, *z.shape[1:])  # (copies, B, T, head, d_head): a view, writes reach z
+        for c in range(n_head):
+            stacked[c, :, :, c] = value if isinstance(value, float) else value[c]
+        return z
+    return edit
+
+
+def _last_copy_loses_all(value: torch.Tensor | float, copies: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ranking's edit of hook_post: the last of `copies` stacked runs loses the whole MLP (in place)."""
+    def edit(post: torch.Tensor) -> torch.Tensor:
+        post.view(copies, -1, *post.shape[1:])[-1] = value
+        return post
+    return edit
+
+
 def _fill(means: Means | None, name: str) -> torch.Tensor | float:
     return 0.0 if means is None else means[name]
 
@@ -157,6 +177,16 @@ def ablate_mlps(model: GPT, layers: Iterable[int], means: Means | None = None) -
     return ablate_neurons(model, [(layer, n) for layer in layers for n in range(model.config.mlp_size)], means)
 
 
+def _keep(names: list[str]) -> tuple[Cache, Edits]:
+    """Edits that change nothing and keep these activations in the returned dict: unlike a
+    cache, they leave attention on the fused path and keep no attention weights."""
+    kept: Cache = {}
+
+    def keeper(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda t: kept.setdefault(name, t)
+    return kept, {name: keeper(name) for name in names}
+
+
 def activation_means(model: GPT, x: torch.Tensor) -> Means:
     """Every head's output (hook_z: (H, d_head)) and every MLP neuron (hook_post: (d_mlp,))
     averaged over the windows x and their positions: what a mean-ablation puts in."""
@@ -166,10 +196,10 @@ def activation_means(model: GPT, x: torch.Tensor) -> Means:
     sums = dict.fromkeys(names, 0.0)
     with evaluating(model):
         for xb in x.split(BATCH):
-            cache: Cache = {}
-            model(xb, cache=cache)
+            kept, keep = _keep(names)
+            model(xb, edits=keep)
             for name in names:
-                sums[name] = sums[name] + cache[name].sum((0, 1))
+                sums[name] = sums[name] + kept[name].sum((0, 1))
     return {name: s / (x.shape[0] * x.shape[1]) for name, s in sums.items()}
 
 
@@ -184,26 +214,27 @@ class Ranking:
 def rank_ablations(model: GPT, x: torch.Tensor, y: torch.Tensor, means: Means | None = None) -> Ranking:
     """Δ val loss of knocking out each head alone and each MLP alone, on windows x, y.
 
-    One run fills a cache; then, for each layer, its heads (and its MLP) are knocked out in one
+    One run keeps each layer's input; then, for each layer, its heads (and its MLP) are knocked out in one
     batch of stacked copies that starts from that layer's hook_resid_pre: the layers below are
     the same with or without the knock-out, so they are not computed again.
     """
     cfg = model.config
     L, H, mlp = cfg.n_layer, cfg.n_head, cfg.feed_forward
     copies = H + mlp  # copy h < H loses head h; the last (with an MLP) loses the layer's MLP
-    heads_mask = torch.eye(copies, H, dtype=torch.bool).view(copies, 1, 1, H, 1)
-    mlp_mask = (torch.arange(copies) == H).view(copies, 1, 1, 1)
     base, lost = torch.zeros(()), torch.zeros(L, copies)
+    # Each stacked run holds about BATCH sequences, as a plain run does, so that its activations
+    # stay in the CPU's caches (a stack of BATCH windows per copy was slower: benchmarks/README.md).
+    windows = max(1, BATCH // copies)
     with evaluating(model):
-        for xb, yb in zip(x.split(BATCH), y.split(BATCH)):
-            cache: Cache = {}
-            base += token_losses(model(xb, cache=cache)[0], yb).sum()
+        for xb, yb in zip(x.split(windows), y.split(windows)):
+            cache, keep = _keep([act_name("hook_resid_pre", layer) for layer in range(L)])
+            base += token_losses(model(xb, edits=keep)[0], yb).sum()
             for layer in range(L):
                 z = act_name("hook_z", layer, "attn")
-                edits = {z: _where(heads_mask, _fill(means, z))}
+                edits = {z: _copy_c_loses_head_c(_fill(means, z), copies, H)}
                 if mlp:
                     post = act_name("hook_post", layer, "mlp")
-                    edits[post] = _where(mlp_mask, _fill(means, post))
+                    edits[post] = _last_copy_loses_all(_fill(means, post), copies)
                 resid = cache[act_name("hook_resid_pre", layer)].repeat(copies, 1, 1)  # (copies * B, T, C)
                 logits = model.forward_from(layer, resid, edits)
                 lost[layer] += token_losses(logits, yb.repeat(copies, 1)).view(copies, -1).sum(1)
@@ -264,11 +295,12 @@ def patching(model: GPT, clean: list[int], corrupt: list[int], target: int, foil
         raise ValueError(f"the prompts must have the same length, not {len(clean)} and {len(corrupt)} characters")
     cfg = model.config
     L, H, T = cfg.n_layer, cfg.n_head, len(clean)
-    clean_cache: Cache = {}
-    corrupt_cache: Cache = {}
+    names = [act_name(name, layer, part) for layer in range(L) for name, part in (("hook_resid_pre", ""), ("hook_z", "attn"))]
+    clean_cache, keep_clean = _keep(names)
+    corrupt_cache, keep_corrupt = _keep(names)
     with evaluating(model):
-        clean_logits, _ = model(torch.tensor([clean]), cache=clean_cache)
-        corrupt_logits, _ = model(torch.tensor([corrupt]), cache=corrupt_cache)
+        clean_logits, _ = model(torch.tensor([clean]), edits=keep_clean)
+        corrupt_logits, _ = model(torch.tensor([corrupt]), edits=keep_corrupt)
         if foil is None:
             ranked = corrupt_logits[0, -1].argsort(descending=True).tolist()
             foil = next(i for i in ranked if i != target)
