@@ -44,6 +44,21 @@ def act_name(name: str, layer: int | None = None, part: str = "") -> str:
     return f"blocks.{layer}.{part}.{name}" if part else f"blocks.{layer}.{name}"
 
 
+def resid_pre_name(layer: int) -> str:
+    """The residual stream a block reads."""
+    return act_name("hook_resid_pre", layer)
+
+
+def z_name(layer: int) -> str:
+    """Each head's weighted sum of values in a layer, [batch, pos, head, d_head]."""
+    return act_name("hook_z", layer, "attn")
+
+
+def mlp_post_name(layer: int) -> str:
+    """A block's feed-forward units after the nonlinearity, [batch, pos, d_mlp]."""
+    return act_name("hook_post", layer, "mlp")
+
+
 def n_layers(cache: Cache) -> int:
     """How many blocks' attention the cache holds (0 for the bigram model)."""
     return sum(1 for name in cache if name.endswith(".attn.hook_pattern"))
@@ -88,12 +103,12 @@ def values(cache: Cache, layer: int) -> torch.Tensor:
 
 def head_outputs(cache: Cache, layer: int) -> torch.Tensor:
     """Each head's weighted sum of values (hook_z): [batch, pos, head, d_head]."""
-    return cache[act_name("hook_z", layer, "attn")]
+    return cache[z_name(layer)]
 
 
 def mlp_post(cache: Cache, layer: int) -> torch.Tensor:
     """A block's feed-forward units after the nonlinearity: [batch, pos, d_mlp]."""
-    return cache[act_name("hook_post", layer, "mlp")]
+    return cache[mlp_post_name(layer)]
 
 
 def is_per_head(name: str) -> bool:

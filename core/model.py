@@ -13,7 +13,8 @@ Notable features
   them on the way (knock out a head, patch in another run's activations). With neither, the
   hooks do nothing and attention runs the fused kernel (F.scaled_dot_product_attention); with a
   cache it runs the lecture's explicit path (q @ k^T, scale, masked_fill with -inf, softmax).
-  Both give the same logits.
+  Both give the same logits. `forward_from(layer, resid)` runs the blocks from one layer on, so
+  an experiment on that layer reuses a cached run of the layers below (core.experiments).
 - nanoGPT's shape options (GELU, bias, tied embeddings) are switches too, so nanoGPT
   checkpoints convert to this model.
 - `KVCache`: keys and values of earlier positions, allocated once, with a length per row, so
@@ -305,16 +306,26 @@ class GPT(nn.Module):
             pos = torch.arange(T, device=idx.device) + (kv.lengths[:, None] if kv is not None else 0)  # (T) or (B, T)
             tok_emb = hooks("hook_embed", self.token_embedding_table(idx))  # (B, T, C)
             pos_emb = hooks("hook_pos_embed", self.position_embedding_table(pos).expand(B, T, -1))
-            x = tok_emb + pos_emb
-            for i, block in enumerate(self.blocks):
-                x = block(x, hooks.at(f"blocks.{i}."), kv.layers[i] if kv is not None else None)
-            logits = self.lm_head(self.ln_f(x, hooks.at("ln_final.")))  # (B, T, vocab)
+            logits = self._blocks_from(0, tok_emb + pos_emb, hooks, kv)
             if kv is not None:
                 kv.lengths += T
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
+
+    def forward_from(self, layer: int, resid: torch.Tensor, edits: Edits | None = None) -> torch.Tensor:
+        """The logits (B, T, vocab) from block `layer` on, given the residual stream entering it
+        (that block's hook_resid_pre, (B, T, C)). An experiment on one layer starts here from a
+        cached run, so the layers below are not computed again. edits as in forward."""
+        if not self.config.attention:
+            raise ValueError("the bigram model has no blocks to start from")
+        return self._blocks_from(layer, resid, Hooks(None, edits) if edits else NO_HOOKS)
+
+    def _blocks_from(self, layer: int, x: torch.Tensor, hooks: Hooks, kv: "KVCache | None" = None) -> torch.Tensor:
+        for i in range(layer, len(self.blocks)):
+            x = self.blocks[i](x, hooks.at(f"blocks.{i}."), kv.layers[i] if kv is not None else None)
+        return self.lm_head(self.ln_f(x, hooks.at("ln_final.")))  # (B, T, vocab)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; non_embedding leaves out the position table (as nanoGPT does)."""
@@ -333,9 +344,10 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, kv_cache: bool = True) -> torch.Tensor:
+                 generator: torch.Generator | None = None, kv_cache: bool = True,
+                 edits: Edits | None = None) -> torch.Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T) and return the longer (B, T+n)."""
-        stream = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache)
+        stream = self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache, edits)
         new = [tok for tok, _ in stream]
         return torch.cat([idx, *new], dim=1) if new else idx
 
@@ -343,7 +355,7 @@ class GPT(nn.Module):
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None,
                         generator: torch.Generator | None = None,
-                        kv_cache: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                        kv_cache: bool = True, edits: Edits | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (next token (B, 1), the distribution it was drawn from (B, vocab)) one at a time.
 
         temperature 0 is greedy: the token is the argmax of the yielded softmax.
@@ -352,6 +364,8 @@ class GPT(nn.Module):
         with kv_cache each new character needs only its own position computed (plus one
         recompute of the window per half block). kv_cache=False recomputes the same window at
         every step: the same characters for the same seed, much slower.
+        edits: as in forward, on every step (a knocked-out head writes without it). They see
+        only the positions computed at that step; edits of attention weights need kv_cache=False.
         """
         _check_sampling(max_new_tokens, temperature, top_k, top_p, self.config.vocab_size)
         if idx.dim() != 2 or idx.shape[1] == 0:
@@ -364,10 +378,10 @@ class GPT(nn.Module):
             if idx.shape[1] - start > block:  # the window is full: slide it
                 start, kv = idx.shape[1] - max(1, block // 2), None
             if kv is not None:
-                logits, _ = self(idx[:, -1:], kv=kv)  # only the newest position
+                logits, _ = self(idx[:, -1:], kv=kv, edits=edits)  # only the newest position
             else:
                 kv = KVCache(self, idx.shape[0]) if use_kv else None
-                logits, _ = self(idx[:, start:], kv=kv)  # the whole window
+                logits, _ = self(idx[:, start:], kv=kv, edits=edits)  # the whole window
             next_tok, probs = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_tok], dim=1)
             yield next_tok, probs

@@ -23,6 +23,8 @@ PAGES = [
     ("train.py", "Train", ":material/model_training:"),
     ("trick.py", "The trick", ":material/functions:"),
     ("activations.py", "Activations", ":material/bolt:"),
+    ("experiments.py", "Experiments", ":material/science:"),
+    ("patching.py", "Patching", ":material/compare_arrows:"),
     ("sample.py", "Sample", ":material/edit_note:"),
     ("data.py", "Data", ":material/table_rows:"),
     ("export.py", "Export", ":material/download:"),

@@ -129,3 +129,25 @@ def test_a_default_prompt_is_cut_to_fit_the_context_at_a_line_or_a_word():
         cut = fitting(DEFAULT_PROMPT, block)
         assert len(cut) <= block and DEFAULT_PROMPT.startswith(cut)
         assert cut == DEFAULT_PROMPT or DEFAULT_PROMPT[len(cut)] in "\n "
+
+
+def test_ablation_grid_has_an_mlp_column_and_a_clickable_point_per_head():
+    heads = np.array([[0.1, -0.2, 0.0], [0.3, 0.0, 0.05]], dtype=np.float32)
+    fig = figures.ablation_grid(heads, np.array([1.0, 2.0], dtype=np.float32))
+    grid, points = fig.data
+    assert list(grid.x) == ["head 0", "head 1", "head 2", "MLP"] and grid.z.shape == (2, 4)
+    np.testing.assert_allclose(grid.z[:, :3], heads)
+    assert grid.zmin == -grid.zmax == -2.0 and grid.zmid == 0
+    assert len(points.x) == 6 and points.marker.opacity == 0
+    assert points.customdata[4].tolist() == [1, 1] and (points.x[4], points.y[4]) == ("head 1", "layer 1")
+    assert list(figures.ablation_grid(heads, np.array([])).data[0].x) == ["head 0", "head 1", "head 2"]
+
+
+def test_coloured_text_escapes_markup_and_shows_newlines():
+    chars = list("<b>*x*</b>\n$")
+    html = figures.coloured_text(chars, np.linspace(-1, 2, len(chars)), ['"tip" & <more>'] * len(chars), 2.0, signed=True)
+    assert "<b>" not in html and "*" not in html and "$" not in html and '"tip"' not in html
+    assert html.count("<span") == len(chars) and "&#9166;<br>" in html  # ⏎ then a line break
+    assert "rgba(31,119,180,0.50)" in html and "rgba(214,39,40,1.00)" in html  # -1 half blue, 2 full red
+    unsigned = figures.coloured_text(["a", "b"], np.array([-1.0, 1.0]), ["", ""], 1.0)
+    assert "rgba(214,39,40,0.00)" in unsigned and "31,119,180" not in unsigned

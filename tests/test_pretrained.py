@@ -7,6 +7,7 @@ import torch
 
 from core.checkpoint import load_checkpoint, paths
 from core.data import Corpus
+from core.experiments import val_windows
 
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
 SHIPPED = sorted(PRETRAINED.glob("*.json"))
@@ -37,11 +38,8 @@ def test_the_readme_lists_each_one_with_its_command(shipped):
 def test_val_loss_agrees_with_the_record(shipped, shakespeare):
     """Recomputed on a fixed sample of the val split, within 0.03 of what training recorded."""
     model, T = shipped.model, shipped.model.config.block_size
-    val = Corpus(shakespeare, T, shipped.tokenizer).splits["val"]
     # Evenly spaced windows: the val split's start alone is easier than its whole (by 0.09 for full-gpu).
-    starts = torch.linspace(0, len(val) - T - 1, EVAL_TOKENS // T).long()
-    windows = val[starts[:, None] + torch.arange(T + 1)]
-    x, y = windows[:, :-1], windows[:, 1:]
+    x, y = val_windows(Corpus(shakespeare, T, shipped.tokenizer), T, EVAL_TOKENS)
     with torch.no_grad():
         losses = [model(xb, yb)[1] for xb, yb in zip(x.split(16), y.split(16))]
     loss = torch.stack(losses).mean().item()

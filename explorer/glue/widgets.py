@@ -124,18 +124,19 @@ def pick_position(label: str, chars: list[str], key: str) -> int:
                             format_func=lambda i: f"{i} {chars[i]}")
 
 
-def chart(fig: go.Figure, name: str) -> None:
-    """A figure with Plotly's own modebar; its camera button saves NAME.png."""
+def chart(fig: go.Figure, name: str, **select) -> None:
+    """A figure with Plotly's own modebar; its camera button saves NAME.png. select: on_select
+    and key of st.plotly_chart, for a figure that can be clicked."""
     st.plotly_chart(fig, width="stretch", config={
-        "displaylogo": False, "toImageButtonOptions": {"format": "png", "filename": name, "scale": 2}})
+        "displaylogo": False, "toImageButtonOptions": {"format": "png", "filename": name, "scale": 2}}, **select)
 
 
-def shared_chart(build: Callable[..., go.Figure], *args, name: str, **kwargs) -> None:
+def shared_chart(build: Callable[..., go.Figure], *args, name: str, select: dict | None = None, **kwargs) -> None:
     """chart() of build(*args, **kwargs), a builder of explorer.offpage.figures, built once for
     every session that draws it from the same inputs: the cache key is the builder and a digest
     of every argument, arrays by their bytes. Building a figure is Python that holds the GIL,
-    which the server's sessions share. name is only the PNG's file name."""
-    chart(_figure(figure_key(build, args, kwargs), build, args, kwargs), name)
+    which the server's sessions share. name is only the PNG's file name; select as in chart()."""
+    chart(_figure(figure_key(build, args, kwargs), build, args, kwargs), name, **(select or {}))
 
 
 def figure_key(build: Callable, args: tuple, kwargs: dict) -> str:

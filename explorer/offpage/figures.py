@@ -253,3 +253,41 @@ def board_curves(curves: list[tuple[str, np.ndarray, np.ndarray]], own: set[int]
     fig.update_xaxes(title="step")
     fig.update_yaxes(title="val loss (the board's windows)")
     return _finish(fig, "Val loss of every training", 420)
+
+
+def ablation_grid(heads: np.ndarray, mlps: np.ndarray, title: str = "") -> go.Figure:
+    """Δ loss of knocking out each head (L, H), and each layer's MLP (L,) in a last column, as a
+    layer x head heatmap (red: the loss rose without it). Under it, an invisible scatter with a
+    point on every head's cell, so that a click selects a head (Plotly heatmaps return no click
+    selection in Streamlit): customdata holds (layer, head)."""
+    L, H = heads.shape
+    columns = [f"head {h}" for h in range(H)] + (["MLP"] if len(mlps) else [])
+    z = np.concatenate([heads, np.asarray(mlps, np.float32).reshape(L, -1)], axis=1)
+    rows = [f"layer {i}" for i in range(L)]
+    bound = float(np.abs(z).max()) or 1.0
+    fig = heatmap(z, columns, rows, title, x_title="knocked out", y_title="layer", value="Δ val loss", zmid=0,
+                  zmin=-bound, zmax=bound, cell_format="+.3f", height=140 + 48 * L)
+    layer, head = np.divmod(np.arange(L * H), H)
+    fig.add_trace(go.Scatter(x=[columns[h] for h in head], y=[rows[i] for i in layer], mode="markers",
+                             customdata=np.stack([layer, head], axis=1), marker=dict(symbol="square", size=36, opacity=0),
+                             hoverinfo="skip", showlegend=False))
+    fig.update_layout(clickmode="event+select")
+    return fig
+
+
+def coloured_text(chars: list[str], values: np.ndarray, tips: list[str], vmax: float, signed: bool = False) -> str:
+    """HTML of a text with each character on a background by its value: white to red from 0 to
+    vmax (a loss), or blue below 0 to red above (a change), with its tip on hover. Every character
+    but letters, digits and spaces is written as an HTML entity, so neither HTML nor markdown
+    reads the text as markup; a newline shows as ⏎ and breaks the line."""
+    spans = []
+    for ch, v, tip in zip(chars, np.asarray(values, dtype=np.float64), tips):
+        share = float(np.clip(v / vmax, -1 if signed else 0, 1)) if vmax > 0 else 0.0
+        colour = f"rgba(214,39,40,{share:.2f})" if share >= 0 else f"rgba(31,119,180,{-share:.2f})"
+        shown = _entities("⏎" if ch == "\n" else ch) + ("<br>" if ch == "\n" else "")
+        spans.append(f'<span title="{_entities(tip)}" style="background:{colour}">{shown}</span>')
+    return ('<div style="font-family:monospace;white-space:pre-wrap;line-height:1.6">' + "".join(spans) + "</div>")
+
+
+def _entities(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch == " " else f"&#{ord(ch)};" for ch in text)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from core.checkpoint import paths, save_trainer
+from core.experiments import val_loss, val_windows
 from explorer.offpage.recipes import MAX_CAP, Limits, read_limits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +42,6 @@ ROOM_DIR_ENV = "GPT_EXPLORER_ROOM_DIR"
 MAX_MB_ENV = "GPT_EXPLORER_ROOM_MAX_MB"
 DEFAULT_MAX_MB = 500
 BUSY_S = 10.0  # how long a writer waits for another's transaction before giving up
-VAL_WINDOWS = 32  # the board's val loss: this many windows spread evenly over the val split
 MAX_NAME = 30
 SHAKESPEARE = "Tiny Shakespeare"
 OWN_TEXT = "own text"
@@ -131,19 +131,12 @@ def _seat_hash(seat: str) -> str:
     return hashlib.sha256(seat.encode()).hexdigest()
 
 
-def fixed_val_loss(model: torch.nn.Module, val: torch.Tensor, windows: int = VAL_WINDOWS) -> float:
-    """Mean cross-entropy on the same windows for every model of a text: starts spread evenly
-    over the val split, each window the model's own context long."""
-    T = min(model.config.block_size, len(val) - 1)
-    starts = torch.linspace(0, len(val) - T - 1, windows).long().unique()
-    batch = val[starts[:, None] + torch.arange(T + 1)]
+def fixed_val_loss(model: torch.nn.Module, val: torch.Tensor) -> float:
+    """The board's val loss: the fixed windows every experiment is judged on (core.experiments),
+    at the model's own context, the same for every model of a text."""
+    x, y = val_windows(val, min(model.config.block_size, len(val) - 1))
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        _, loss = model(batch[:, :-1].to(device), batch[:, 1:].to(device))
-    model.train(was_training)
-    return float(loss)
+    return val_loss(model, x.to(device), y.to(device))
 
 
 def checkpoint_bytes_needed(model: torch.nn.Module) -> int:
