@@ -45,16 +45,39 @@ _start_lock = threading.Lock()
 
 def start_ray(num_cpus: int | None = None) -> None:
     """Once per server process: join GPT_EXPLORER_RAY_ADDRESS, or start a local instance with a
-    worker per core (or num_cpus). Later calls return at once."""
+    worker per core (or num_cpus). Later calls return at once.
+
+    ray.init runs on a thread of its own that lives as long as Ray does: Ray's local daemons
+    die with the thread that started them (Linux's PR_SET_PDEATHSIG), and a script run's thread
+    ends with the run."""
     with _start_lock:
         if ray.is_initialized():
             return
+        started, failure = threading.Event(), []
+        threading.Thread(target=_keep_ray, args=(num_cpus, started, failure), name="gpt-explorer-ray",
+                         daemon=True).start()
+        started.wait()
+        if failure:
+            raise failure[0]
+
+
+def _keep_ray(num_cpus: int | None, started: threading.Event, failure: list) -> None:
+    try:
         job = ray.job_config.JobConfig(code_search_path=[str(ROOT)])
         address = os.environ.get(ADDRESS_ENV)
         if address:
             ray.init(address=address, log_to_driver=False, job_config=job)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, job_config=job)
+            # "local": a new instance of the app's own, even where another one runs on this machine
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                     log_to_driver=False, job_config=job)
+    except Exception as e:  # told to the caller: the Start that asked for Ray says why it cannot
+        failure.append(e)
+        return
+    finally:
+        started.set()
+    while ray.is_initialized():
+        time.sleep(1.0)
 
 
 def cluster_cpus() -> int:
