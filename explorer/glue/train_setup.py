@@ -37,14 +37,14 @@ def new_runner(settings: Settings, text: str | None, limits: Limits, run: int) -
     if limits.workers == "ray":
         from explorer.offpage import ray_training  # a server on threads never imports Ray
 
-        ray_training.start_ray()
-        if limits.max_trainings is None:
-            slots.resize(ray_training.cluster_cpus())  # machines may have joined since the last training
         tokenizer = shakespeare_corpus(settings.block_size).tokenizer if text is None else CharTokenizer.from_text(text)
         vocab_size = tokenizer.vocab_size
         name = f"{stage_of(settings.model_config(vocab_size))} run {run}"
-        return ray_training.RayTrainingRunner(settings, text, vocab_size, slots, name, step_ms(settings, vocab_size),
-                                              **watch)
+        runner = ray_training.RayTrainingRunner(settings, text, vocab_size, slots, name, step_ms(settings, vocab_size),
+                                                **watch)  # starts Ray with the server's first training
+        if limits.max_trainings is None:
+            slots.resize(ray_training.cluster_cpus())  # machines may have joined since the last training
+        return runner
     trainer = make_trainer(settings, text, shakespeare_corpus)
     vocab_size = trainer.corpus.tokenizer.vocab_size
     return TrainingRunner(trainer, slots, probe_ids=probe_ids(trainer.corpus, settings.block_size),

@@ -163,7 +163,7 @@ class RayTrainingRunner(Runner):
     def __init__(self, settings: Settings, text: str | None, vocab_size: int, slots: TrainingSlots,
                  name: str = "training", step_ms: float | None = None, **watch):
         super().__init__(slots, name, settings.max_iters, step_ms)
-        start_ray()
+        start_ray()  # the first training of a server starts Ray (or joins its cluster)
         self.settings, self.watch = settings, watch
         self.config, self.train_config = settings.model_config(vocab_size), settings.train_config()
         self._text = ray.put(text) if text is not None else None  # sent to the cluster once, for every leg
