@@ -135,6 +135,9 @@ def test_two_sessions_train_and_a_third_waits_its_turn(monkeypatch):
     assert rerun_until(sessions["b"], lambda a: step(a) > b_step, "b")
     third = sessions["c"]
     assert rerun_until(third, lambda a: any("number 1 in the queue" in i.value for i in a.info), "c")
+    assert any("You should start in about" in i.value for i in third.info)  # from the running ones' step times
+    assert any(c.value.startswith("The room: 2 training(s) running and 1 waiting, 2 at a time: all done in about")
+               for c in third.caption)
     click(sessions["a"], "train_stop", "a")  # a slot frees up: the third session starts
     assert rerun_until(third, lambda a: step(a) > 0, "c")
 
