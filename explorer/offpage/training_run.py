@@ -190,7 +190,6 @@ class LiveTraining:
         shown to its session and the server carries on."""
         trainer = self.trainer
         try:
-            self.book.set(status="running")
             if trainer.record.iters == 0:
                 self._look()  # the untrained model's sample and heads, for the story from the start
             trainer.train(on_step=self._on_step, on_eval=self._on_eval, chunk=self.chunk,
@@ -292,6 +291,7 @@ class Runner:
             self.book.set(status="stopped", message="left the queue")
             return
         try:
+            self.book.set(status="running")  # a worker may take seconds to start: no longer in the queue
             self._train()
         finally:
             self.slots.release(self)
