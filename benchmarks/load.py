@@ -475,7 +475,7 @@ def main() -> None:
         sys.exit(f"error: no Tiny Shakespeare at {text}: set {DATA_ENV} to a copy of its input.txt")
     if args.max_trainings:
         os.environ["GPT_EXPLORER_MAX_TRAININGS"] = str(args.max_trainings)
-    cap = read_limits()[0].max_trainings  # as the server reads the same environment
+    cap = read_limits()[0].max_trainings or "default"  # as the server reads the same environment
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, GPT_EXPLORER_PRETRAINED=only_model(args.model, Path(tmp)), GPT_EXPLORER_DATA=str(text))

@@ -93,15 +93,15 @@ def test_a_participant_joins_with_a_unique_name_and_their_training_reports_to_th
 
         from explorer.glue import room_glue
         from explorer.glue.session import session_threads
-        from explorer.glue.train_setup import make_trainer
-        from explorer.offpage.recipes import Settings
+        from explorer.glue.train_setup import shakespeare_corpus
+        from explorer.offpage.recipes import Settings, make_trainer
         from explorer.offpage.training_run import TrainingRunner, TrainingSlots
 
         if room_glue.name_box() is not None and st.button("Start", key="go"):
             settings = Settings(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=60,
                                 eval_interval=20)
             text = st.session_state["text"]
-            runner = TrainingRunner(make_trainer(settings, text), TrainingSlots(1), name="layernorm run 1")
+            runner = TrainingRunner(make_trainer(settings, text, shakespeare_corpus), TrainingSlots(1), name="layernorm run 1")
             room_glue.enter(runner, settings, "1-minute demo", text)  # as the Train view's start() will
             session_threads().runner = runner
             runner.start()

@@ -135,18 +135,25 @@ def test_two_sessions_train_and_a_third_waits_its_turn(monkeypatch):
     assert rerun_until(sessions["b"], lambda a: step(a) > b_step, "b")
     third = sessions["c"]
     assert rerun_until(third, lambda a: any("number 1 in the queue" in i.value for i in a.info), "c")
+    assert any("You should start in about" in i.value for i in third.info)  # from the running ones' step times
+    assert any(c.value.startswith("The room: 2 training(s) running and 1 waiting, 2 at a time: all done in about")
+               for c in third.caption)
     click(sessions["a"], "train_stop", "a")  # a slot frees up: the third session starts
     assert rerun_until(third, lambda a: step(a) > 0, "c")
 
 
+def trainings() -> int:
+    return sum(t.name == "gpt-explorer-training" for t in threading.enumerate())
+
+
 def test_a_session_that_ends_stops_its_training():
-    before = threading.active_count()
+    before = trainings()
     at = open_train(max_iters=5000)
     click(at, "train_start")
     assert rerun_until(at, lambda a: step(a) > 0)
-    assert threading.active_count() == before + 1
+    assert trainings() == before + 1
     caching.clear_session_resource_cache("test session id")  # what the server does when a tab closes
-    assert wait_for(lambda: threading.active_count() == before, timeout=10)
+    assert wait_for(lambda: trainings() == before, timeout=10)
 
 
 def test_divergence_stops_with_advice():

@@ -1,6 +1,7 @@
 """The live-training runner: progress, stop and resume, the queue, failures, no leftover threads."""
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from core import CharTokenizer, GPTConfig
 from core.data import Corpus
 from core.trainer import TrainConfig, Trainer
-from explorer.offpage.training_run import TrainingRunner, TrainingSlots
+from explorer.offpage.training_run import Progress, ProgressBook, TrainingRunner, TrainingSlots
 from helpers import wait_for
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 30
@@ -139,3 +140,44 @@ def test_threads_end_with_their_runs(slots):
     for r in runners:
         r.join(10)
     assert threading.active_count() == baseline
+
+
+def test_the_forecast_serves_the_queue_in_order():
+    slots = TrainingSlots(capacity=2)
+    never = threading.Event()
+    a, b, c, d = "a", "b", "c", "d"
+    for ticket in (a, b):
+        assert slots.acquire(ticket, never)
+    waiting = [threading.Thread(target=slots.acquire, args=(t, never), daemon=True) for t in (c, d)]
+    for i, thread in enumerate(waiting):
+        thread.start()
+        assert wait_for(lambda i=i: slots.waiting == i + 1)
+    left = {a: 30.0, b: 10.0, c: 20.0, d: None}  # d's time is unknown: the median of the others
+    starts, end = slots.forecast(left.get)
+    assert starts == {c: 10.0, d: 30.0}  # c takes b's slot, d a's
+    assert end == 50.0  # d ends last: 30 + 20
+    assert slots.forecast(lambda t: None) is None
+    slots.release(a)
+    slots.release(b)
+    for thread in waiting:
+        thread.join(10)
+    assert slots.running == 2 and slots.waiting == 0
+
+
+def test_a_book_sends_only_what_is_new():
+    runner = make_runner(TrainingSlots(1), max_iters=60)
+    runner.start()
+    runner.join(20)
+    mirror, cursor = ProgressBook(Progress()), (0, 0, 0, -1)
+    whole = runner.book.snapshot()
+    seen = 0
+    for n in (7, 30, len(whole.steps)):  # three polls of a page on another machine
+        source = ProgressBook(replace(whole, steps=whole.steps[:n], snapshots=whole.snapshots[: n // 10 + 1]))
+        news, cursor = source.since(cursor)
+        assert news.steps == whole.steps[seen:n]
+        mirror.merge(news)
+        seen = n
+    mine = mirror.snapshot()
+    assert mine.steps == whole.steps and mine.evals == whole.evals and mine.samples == whole.samples
+    assert [it for it, _ in mine.snapshots] == [it for it, _ in whole.snapshots]
+    assert mine.status == "finished" and mine.iters == 60

@@ -169,7 +169,8 @@ def resume(training: int) -> None:
         corpus = shakespeare_corpus(block_size)
     trainer = resume_trainer(stem, corpus)
     limits, _ = r.limits()
-    runner = TrainingRunner(trainer, training_slots(limits.max_trainings), probe_ids=probe_ids(corpus, block_size),
+    # A resumed training runs in the server's process (its optimizer state is on this machine's disk).
+    runner = TrainingRunner(trainer, training_slots(limits.workers, limits.max_trainings), probe_ids=probe_ids(corpus, block_size),
                             sample_every=max(100, trainer.train_config.eval_interval), name=entry.run)
     r.set_status(training, "queued", note=f"resumed at step {trainer.record.iters:,}")
     follow(training, runner)

@@ -236,9 +236,9 @@ def require_checkpoint() -> Checkpoint:
 
 
 def publish_training(select: bool) -> None:
-    """This session's training joins the picker once it has stopped or finished (a diverged one
-    does not), under its run's name: a Resume and a second Stop update the same entry. While it
-    runs, a small poll notices the end wherever the user is."""
+    """This session's training joins the picker once it has stopped or finished (a diverged one,
+    or one whose worker died, does not), under its run's name: a Resume and a second Stop
+    update the same entry. While it runs, a small poll notices the end wherever the user is."""
     threads = session_threads()
     runner = threads.runner
     if runner is None:
@@ -247,7 +247,7 @@ def publish_training(select: bool) -> None:
         _watch_training(runner)
         return
     p = runner.snapshot()
-    if p.iters == 0 or runner.trainer.diverged or threads.published == p.iters:
+    if p.iters == 0 or runner.weights_lost or threads.published == p.iters:
         return
     name = runner.name
     add_trained_model(name, runner.checkpoint())

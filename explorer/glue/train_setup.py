@@ -1,14 +1,17 @@
 """What the Train view shares between sessions, cached by Streamlit: Tiny Shakespeare encoded
-once, the server-wide training queue, and the measured step times."""
+once, the server-wide training queue, the measured step times, and the runner for a new
+training on the backend GPT_EXPLORER_WORKERS names (threads here, or Ray workers)."""
+
+import os
 
 import streamlit as st
 
-from core import CharTokenizer
+from core import CharTokenizer, stage_of
 from core.data import Corpus, load_shakespeare
-from core.trainer import Trainer, time_step
-from explorer.offpage.recipes import Settings
+from core.trainer import time_step
+from explorer.offpage.recipes import Limits, Settings, make_trainer, probe_ids
 from explorer.offpage.step_times import StepTimes
-from explorer.offpage.training_run import TrainingSlots
+from explorer.offpage.training_run import Runner, TrainingRunner, TrainingSlots
 
 
 @st.cache_resource(show_spinner="Reading Tiny Shakespeare…")
@@ -17,20 +20,35 @@ def shakespeare_corpus(block_size: int) -> Corpus:
     return Corpus(load_shakespeare(), block_size)
 
 
-def make_trainer(settings: Settings, text: str | None) -> Trainer:
-    """A Trainer for the form's settings on a text (None: Tiny Shakespeare). Raises ValueError
-    (DataError, bad settings) with a message for the user."""
-    if text is None:
-        corpus = shakespeare_corpus(settings.block_size)
-    else:
-        corpus = Corpus(text, settings.block_size, CharTokenizer.from_text(text))
-    return Trainer(settings.model_config(corpus.tokenizer.vocab_size), settings.train_config(), corpus)
-
-
 @st.cache_resource
-def training_slots(capacity: int) -> TrainingSlots:
-    """The server-wide queue: one for every session (keyed by its capacity)."""
-    return TrainingSlots(capacity)
+def training_slots(workers: str, max_trainings: int | None) -> TrainingSlots:
+    """The server-wide queue: one for every session (keyed by the backend and the cap). Threads
+    keep a core for the pages; Ray workers run niced, so every core trains (new_runner sizes
+    the queue to the cluster once Ray is up)."""
+    cores = os.cpu_count() or 2
+    return TrainingSlots(max_trainings or (max(1, cores - 1) if workers == "threads" else cores))
+
+
+def new_runner(settings: Settings, text: str | None, limits: Limits, run: int) -> Runner:
+    """A runner for the form's settings on a text (None: Tiny Shakespeare), not yet started.
+    Raises ValueError (DataError, bad settings) with a message for the user."""
+    slots = training_slots(limits.workers, limits.max_trainings)
+    watch = dict(sample_every=max(100, settings.eval_interval))
+    if limits.workers == "ray":
+        from explorer.offpage import ray_training  # a server on threads never imports Ray
+
+        tokenizer = shakespeare_corpus(settings.block_size).tokenizer if text is None else CharTokenizer.from_text(text)
+        vocab_size = tokenizer.vocab_size
+        name = f"{stage_of(settings.model_config(vocab_size))} run {run}"
+        runner = ray_training.RayTrainingRunner(settings, text, vocab_size, slots, name, step_ms(settings, vocab_size),
+                                                **watch)  # starts Ray with the server's first training
+        if limits.max_trainings is None:
+            slots.resize(ray_training.cluster_cpus())  # machines may have joined since the last training
+        return runner
+    trainer = make_trainer(settings, text, shakespeare_corpus)
+    vocab_size = trainer.corpus.tokenizer.vocab_size
+    return TrainingRunner(trainer, slots, probe_ids=probe_ids(trainer.corpus, settings.block_size),
+                          name=f"{stage_of(trainer.config)} run {run}", step_ms=step_ms(settings, vocab_size), **watch)
 
 
 @st.cache_resource

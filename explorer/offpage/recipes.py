@@ -3,36 +3,42 @@ the named recipes, and the prompt whose attention is snapshotted.
 
 Caps are environment variables, read when the server starts (see the README's "Running a
 workshop"):
-    GPT_EXPLORER_MAX_TRAININGS  trainings at once on the server (default: cores - 1, at least 1)
+    GPT_EXPLORER_WORKERS        where trainings run: "threads" (default: in the server's process)
+                                or "ray" (on Ray workers, explorer/offpage/ray_training.py)
+    GPT_EXPLORER_MAX_TRAININGS  trainings at once (default: cores - 1, at least 1, with threads;
+                                the cluster's CPUs with Ray workers; see explorer/glue/train_setup.py)
     GPT_EXPLORER_MAX_PARAMS     largest model a participant may train (default 1,000,000)
     GPT_EXPLORER_MAX_ITERS      most steps of one training (default 5,000)
     GPT_EXPLORER_MAX_TEXT_MB    largest uploaded or pasted text (default 5 MB)
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from core import GPT, GPTConfig
+from core import GPT, CharTokenizer, GPTConfig
 from core.data import Corpus
-from core.trainer import TrainConfig
+from core.trainer import TrainConfig, Trainer
 
 PROBE = "First Citizen:\nBefore we proceed any further, hear me speak."
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_trainings: int
+    workers: str  # one of WORKERS
+    max_trainings: int | None  # None: as many as the training backend has cores
     max_params: int
     max_iters: int
     max_text_bytes: int
 
 
+WORKERS = ("threads", "ray")
 MAX_CAP = 10**9  # a browser's number widgets hold whole numbers up to 2**53 only
 
 
-def _env_int(name: str, default: int, problems: list[str]) -> int:
+def _env_int(name: str, default: int | None, problems: list[str]) -> int | None:
     raw = os.environ.get(name)
     if raw is None:
         return default
@@ -42,15 +48,21 @@ def _env_int(name: str, default: int, problems: list[str]) -> int:
             raise ValueError
         return value
     except (ValueError, OverflowError):
-        problems.append(f"{name}={raw!r} is not a whole number from 1 to {MAX_CAP:,}; using {default:,}.")
+        using = f"using {default:,}" if default is not None else "using the default"
+        problems.append(f"{name}={raw!r} is not a whole number from 1 to {MAX_CAP:,}; {using}.")
         return default
 
 
 def read_limits() -> tuple[Limits, list[str]]:
     """The caps in force, and a note for each environment variable that could not be read."""
     problems: list[str] = []
+    workers = os.environ.get("GPT_EXPLORER_WORKERS") or WORKERS[0]
+    if workers not in WORKERS:
+        problems.append(f"GPT_EXPLORER_WORKERS={workers!r} is not one of {', '.join(WORKERS)}; using {WORKERS[0]}.")
+        workers = WORKERS[0]
     limits = Limits(
-        max_trainings=_env_int("GPT_EXPLORER_MAX_TRAININGS", max(1, (os.cpu_count() or 2) - 1), problems),
+        workers=workers,
+        max_trainings=_env_int("GPT_EXPLORER_MAX_TRAININGS", None, problems),
         max_params=_env_int("GPT_EXPLORER_MAX_PARAMS", 1_000_000, problems),
         max_iters=_env_int("GPT_EXPLORER_MAX_ITERS", 5_000, problems),
         max_text_bytes=_env_int("GPT_EXPLORER_MAX_TEXT_MB", 5, problems) * 1_000_000,
@@ -79,7 +91,7 @@ class Settings:
     def train_config(self) -> TrainConfig:
         return TrainConfig(batch_size=self.batch_size, max_iters=self.max_iters, learning_rate=self.learning_rate,
                            min_lr=self.learning_rate / 10, warmup_iters=min(100, self.max_iters // 10),
-                           eval_interval=self.eval_interval, eval_iters=10)
+                           eval_interval=self.eval_interval, eval_iters=10, device="auto")
 
 
 # Named starting points that make sense on a shared CPU; each sets the whole form.
@@ -92,10 +104,25 @@ RECIPES: dict[str, tuple[str, Settings]] = {
         "The shape of the shipped stage checkpoints at a third of their budget: give each group a "
         "different stage, then compare the val losses.",
         Settings(preset="one_head", n_layer=1, n_head=1, max_iters=1000, batch_size=32)),
+    "Room (everyone at once)": (
+        "A small model for a whole room training together: a few hundred steps each, so thirty "
+        "participants on a small server are all done within minutes.",
+        Settings(n_layer=2, n_head=2, n_embd=32, block_size=32, max_iters=400, batch_size=16)),
     "Longer run (about 10 minutes)": ("More steps and a wider model: readable Shakespeare-like text.",
                                       Settings(n_embd=128, max_iters=4000, batch_size=16, learning_rate=2e-3,
                                                eval_interval=250)),
 }
+
+
+def make_trainer(settings: Settings, text: str | None, shakespeare: Callable[[int], Corpus]) -> Trainer:
+    """A Trainer for the form's settings on a text (None: Tiny Shakespeare, as
+    shakespeare(block_size) gives it). Raises ValueError (DataError, bad settings) with a
+    message for the user."""
+    if text is None:
+        corpus = shakespeare(settings.block_size)
+    else:
+        corpus = Corpus(text, settings.block_size, CharTokenizer.from_text(text))
+    return Trainer(settings.model_config(corpus.tokenizer.vocab_size), settings.train_config(), corpus)
 
 
 def count_params(config: GPTConfig) -> int:

@@ -1,7 +1,8 @@
 """Train: a small GPT learns in front of you. Loss, samples and attention heads, live.
 
 The training runs on a background thread owned by this browser session
-(explorer/offpage/training_run.py); this page only reads its progress, polling once a second
+(explorer/offpage/training_run.py), or on a Ray worker that thread follows
+(explorer/offpage/ray_training.py); this page only reads its progress, polling once a second
 while it runs.
 """
 
@@ -9,17 +10,16 @@ import numpy as np
 import streamlit as st
 import torch
 
-from core import PRESETS, stage_of
-from core.checkpoint import checkpoint_bytes
+from core import PRESETS
 from core.data import DataError, check_length, text_from_bytes
 from core.lens import head_stats
 from explorer.glue import room_glue, widgets
 from explorer.glue.session import SessionThreads, session_threads
-from explorer.glue.train_setup import make_trainer, step_ms, training_slots
+from explorer.glue.train_setup import new_runner, step_ms, training_slots
 from explorer.offpage import figures
-from explorer.offpage.recipes import RECIPES, Settings, count_params, probe_ids
+from explorer.offpage.recipes import RECIPES, Settings, count_params
 from explorer.offpage.room import RoomError
-from explorer.offpage.training_run import TrainingRunner
+from explorer.offpage.training_run import Runner, TrainingSlots
 
 SOURCES = ("Tiny Shakespeare", "Upload a .txt file", "Paste text")
 LEARNING_RATES = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0, 10.0)  # the last ones diverge, on purpose
@@ -34,10 +34,11 @@ def train_view() -> None:
     for problem in problems:
         st.warning(f"Server setting ignored: {problem}")
     threads = session_threads()
+    slots = training_slots(limits.workers, limits.max_trainings)
     if threads.runner is None:
-        setup(limits)
+        setup(limits, slots)
     else:
-        progress(threads.runner, training_slots(limits.max_trainings).capacity)
+        progress(threads.runner, slots)
         results(threads)
 
 
@@ -50,7 +51,7 @@ def apply_recipe() -> None:
         st.session_state[K + name] = value
 
 
-def setup(limits) -> None:
+def setup(limits, slots: TrainingSlots) -> None:
     if K + "preset" not in st.session_state:
         st.session_state[K + "recipe"] = next(iter(RECIPES))
         apply_recipe()
@@ -78,6 +79,7 @@ def setup(limits) -> None:
         b.number_input("Evaluate every", 10, 5000, step=50, key=K + "eval_interval")
     settings = current_settings()
     ready = estimate(settings, limits)
+    room_line(slots)
     if st.session_state.get(ERROR):
         st.error(st.session_state[ERROR])
     room_glue.name_box()
@@ -162,33 +164,30 @@ def time_estimate(settings: Settings, vocab_size: int, n_params: int) -> None:
 
 
 def start(limits) -> None:
-    """Start button: build the trainer from the form and hand it to a new runner."""
+    """Start button: a new runner for the form's settings, on this server's training backend."""
     st.session_state[ERROR] = None
+    threads = session_threads()
     try:
-        trainer = make_trainer(current_settings(), current_text(limits))
+        runner = new_runner(current_settings(), current_text(limits), limits, threads.runs + 1)
     except ValueError as e:
         st.session_state[ERROR] = f"Cannot start: {e}"
         return
-    threads = session_threads()
-    probe = probe_ids(trainer.corpus, trainer.config.block_size)
     threads.runs += 1
-    threads.runner = TrainingRunner(trainer, training_slots(limits.max_trainings), probe_ids=probe,
-                                    sample_every=max(100, trainer.train_config.eval_interval),
-                                    name=f"{stage_of(trainer.config)} run {threads.runs}")
+    threads.runner = runner
     try:
-        room_glue.enter(threads.runner, current_settings(), st.session_state[K + "recipe"], current_text(limits))
+        room_glue.enter(runner, current_settings(), st.session_state[K + "recipe"], current_text(limits))
     except RoomError as e:
         threads.runner = None
         st.session_state[ERROR] = f"Cannot start: {e}"
         return
     threads.published = 0
-    threads.runner.start()
+    runner.start()
 
 
 # During and after a run -----------------------------------------------------------------------
 
 
-def progress(runner: TrainingRunner, capacity: int) -> None:
+def progress(runner: Runner, slots: TrainingSlots) -> None:
     alive = runner.alive
 
     @st.fragment(run_every=1.0 if alive else None)  # polls only while the thread runs
@@ -197,7 +196,8 @@ def progress(runner: TrainingRunner, capacity: int) -> None:
             st.rerun(scope="app")  # it just ended: redraw the whole page once, which ends the polling
         p = runner.snapshot()
         controls(runner, p.status)
-        status_line(runner, p, capacity)
+        status_line(runner, p, slots)
+        room_line(slots)
         if p.steps or p.evals:
             widgets.chart(figures.loss_curve(p.steps, p.evals), "loss")
         if p.samples:
@@ -210,13 +210,12 @@ def progress(runner: TrainingRunner, capacity: int) -> None:
     live()
 
 
-def controls(runner: TrainingRunner, status: str) -> None:
+def controls(runner: Runner, status: str) -> None:
     """Stop, Resume, Reset. They sit in the polling fragment, where a click reruns only the
     fragment: each one ends with a run of the whole page, which starts or ends the polling."""
     a, b, c, _ = st.columns([1, 1, 1, 4])
     running = status in ("queued", "running")
-    trainer = runner.trainer
-    can_resume = status == "stopped" and trainer.record.iters < trainer.train_config.max_iters
+    can_resume = status == "stopped" and runner.record.iters < runner.train_config.max_iters
     if a.button("Stop", disabled=not running, key=K + "stop"):
         runner.stop()
         runner.join(timeout=5)  # it stops between two steps
@@ -237,13 +236,17 @@ def reset() -> None:
     threads.runner = None
 
 
-def status_line(runner: TrainingRunner, p, capacity: int) -> None:
+def status_line(runner: Runner, p, slots: TrainingSlots) -> None:
     if p.status == "queued":
+        forecast = slots.forecast(Runner.seconds_left)
+        when = ""
+        if forecast is not None and runner in forecast[0]:
+            when = f" You should start in about {_duration(forecast[0][runner])}."
         st.info(f"Waiting for a free training slot: you are number {runner.queue_position()} in the queue. "
-                f"This server trains {capacity} model(s) at a time.")
+                f"This server trains {slots.capacity} model(s) at a time.{when}")
         return
     done = p.iters / max(1, p.max_iters)
-    left = (p.max_iters - p.iters) * runner.trainer.config.block_size * runner.trainer.train_config.batch_size
+    left = (p.max_iters - p.iters) * runner.config.block_size * runner.train_config.batch_size
     eta = f" · about {_duration(left / p.tokens_per_s)} left" if p.tokens_per_s and p.status == "running" else ""
     st.progress(min(1.0, done), text=f"step {p.iters:,} of {p.max_iters:,} · {p.tokens_per_s:,.0f} tokens/s{eta}")
     if p.status == "failed":
@@ -252,7 +255,17 @@ def status_line(runner: TrainingRunner, p, capacity: int) -> None:
         st.success(f"{p.status.capitalize()}: {p.message}.")
 
 
-def heads(runner: TrainingRunner, snapshots: list[tuple[int, np.ndarray]]) -> None:
+def room_line(slots: TrainingSlots) -> None:
+    """How long the whole room's trainings will take at the current load, once there is one."""
+    running, waiting = slots.running, slots.waiting
+    if running + waiting < 2:
+        return
+    forecast = slots.forecast(Runner.seconds_left)
+    done = f": all done in about {_duration(forecast[1])}" if forecast is not None else ""
+    st.caption(f"The room: {running} training(s) running and {waiting} waiting, {slots.capacity} at a time{done}.")
+
+
+def heads(runner: Runner, snapshots: list[tuple[int, np.ndarray]]) -> None:
     """The probe prompt's attention at each snapshot, and each head's statistics over training."""
     st.subheader("How the heads form")
     iters = [it for it, _ in snapshots]
@@ -285,13 +298,13 @@ def results(threads: SessionThreads) -> None:
     """Once stopped or finished: offer the model to the other views and as a download."""
     runner = threads.runner
     p = runner.snapshot()
-    if runner.alive or p.iters == 0 or runner.trainer.diverged:
+    if runner.alive or p.iters == 0 or runner.weights_lost:
         return
-    trainer, name = runner.trainer, runner.name
+    name = runner.name
     st.subheader("Your model")
     st.markdown(f"**{name}** is now in the sidebar's model list: open Attention, Activations or Sample to look "
                 "inside it.")
-    weights, meta = checkpoint_bytes(trainer.model, trainer.corpus.tokenizer, trainer.train_config, trainer.record)
+    weights, meta = runner.checkpoint_files()
     a, b, _ = st.columns([1, 1, 3])
     stem = name.replace(" ", "-")
     a.download_button("Download weights (.safetensors)", weights, f"{stem}.safetensors", key=K + "dl_weights",

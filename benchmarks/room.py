@@ -1,0 +1,205 @@
+"""The room: N participants start the "Room (everyone at once)" recipe within a few seconds of
+each other, on a server whose trainings are threads, then on one whose trainings are Ray
+workers; the two side by side.
+
+Each backend gets a fresh `streamlit run explorer/app.py` driven by benchmarks/load.py's
+browserless sessions (Streamlit's own websocket protocol). Measured: the time from the first
+Start to the last training's end, against the compute bound (one training's CPU seconds, alone
+in one process, times N over the cores); script-run latency while the room trains (p50, p95);
+the peak memory of the server's process and of the processes it started (Ray's workers and
+daemons); errors (on a page, in the protocol, in the server's log).
+
+    python -m benchmarks.room [--participants 30] [--within 10] [--backends threads ray]
+"""
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from streamlit.proto.WidgetStates_pb2 import WidgetState
+
+from benchmarks import common
+from benchmarks.load import (
+    ROOT,
+    Session,
+    free_port,
+    only_model,
+    percentiles,
+    poll,
+    read_progress,
+    server_log_errors,
+    start_server,
+    stop_server,
+    warm_up,
+)
+from core.data import CACHE_DIR, DATA_ENV, load_shakespeare
+from explorer.offpage.recipes import RECIPES, make_trainer, probe_ids
+from explorer.offpage.training_run import TrainingRunner, TrainingSlots
+
+RECIPE = "Room (everyone at once)"
+SAMPLE_S = 1.0
+
+
+def training_cpu_s() -> float:
+    """CPU seconds of one room training, alone in this process on one thread, with the live
+    view's samples and snapshots (what every participant's training also does)."""
+    import torch
+
+    from core.data import Corpus
+
+    torch.set_num_threads(1)
+    settings = RECIPES[RECIPE][1]
+    trainer = make_trainer(settings, None, lambda block_size: Corpus(load_shakespeare(), block_size))
+    runner = TrainingRunner(trainer, TrainingSlots(1), probe_ids=probe_ids(trainer.corpus, settings.block_size),
+                            sample_every=max(100, settings.eval_interval))
+    t0 = time.process_time()
+    runner.start()
+    runner.join()
+    return time.process_time() - t0
+
+
+def family_memory_mb(pid: int) -> tuple[float, float]:
+    """(the server's resident MB, its descendants' summed), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    todo, rest = list(children.get(pid, [])), 0.0
+    while todo:
+        child = todo.pop()
+        todo += children.get(child, [])
+        rest += _rss_mb(child)
+    return _rss_mb(pid), rest
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0)
+
+
+async def participant(i: int, port: int, args, errors: list, latencies: list, deadline: float) -> Session:
+    s = Session(f"participant{i}", port, errors, latencies)
+    await asyncio.sleep(i * args.within / max(1, args.participants))
+    await s.connect()
+    try:
+        await s.rerun("page load")
+        await s.open_page("train")
+        s.values["train_recipe"] = WidgetState(string_value=RECIPE)
+        await s.rerun("recipe")
+        s.training.clicked = time.monotonic()
+        await s.rerun("start", trigger="train_start")
+        while time.monotonic() < deadline and s.training.finished is None:
+            if any(kind == "ERROR" for kind, _ in s.texts):  # could not start, or failed: counted in errors
+                break
+            if not s.auto_reruns:
+                await asyncio.sleep(0.2)
+                continue
+            await poll(s, "train poll", deadline, after=read_progress)
+    except (KeyError, RuntimeError) as e:
+        errors.append((s.name, "room script", f"{type(e).__name__}: {e}"))
+    finally:
+        await s.close()
+    return s
+
+
+async def room(port: int, pid: int, args) -> tuple[list[Session], list, list, list]:
+    errors, latencies, memory = [], [], []
+    deadline = time.monotonic() + args.timeout
+
+    async def sample() -> None:
+        while True:
+            memory.append(family_memory_mb(pid))
+            await asyncio.sleep(SAMPLE_S)
+
+    sampler = asyncio.create_task(sample())
+    sessions = await asyncio.gather(*(participant(i, port, args, errors, latencies, deadline)
+                                      for i in range(args.participants)))
+    sampler.cancel()
+    return sessions, errors, latencies, memory
+
+
+def run_backend(workers: str, args, text: Path) -> dict:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, GPT_EXPLORER_WORKERS=workers, GPT_EXPLORER_DATA=str(text),
+                   GPT_EXPLORER_PRETRAINED=only_model(args.model, Path(tmp)), STREAMLIT_RUNNER_POST_SCRIPT_GC="false")
+        log_path = Path(tmp) / "server.log"
+        with open(log_path, "w") as log:
+            server = start_server(port, env, log)
+            try:
+                asyncio.run(warm_up(port))
+                sessions, errors, latencies, memory = asyncio.run(room(port, server.pid, args))
+            finally:
+                stop_server(server)
+        errors += server_log_errors(log_path)
+    trainings = [s.training for s in sessions]
+    first = min(t.clicked for t in trainings)
+    done = [t.finished for t in trainings if t.finished is not None]
+    while_training = [s for k, s in latencies if k == "train poll"]
+    return dict(finished=len(done), last_done_s=(max(done) - first) if len(done) == len(trainings) else None,
+                to_first_step_s=percentiles([t.started - t.clicked for t in trainings if t.started]),
+                poll_latency_s=percentiles(while_training), all_latency_s=percentiles([s for _, s in latencies]),
+                server_peak_mb=max((m[0] for m in memory), default=None),
+                children_peak_mb=max((m[1] for m in memory), default=None),
+                errors=len(errors), error_examples=sorted({f"{kind}: {what}"[:160] for _, kind, what in errors})[:5])
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--participants", type=int, default=30)
+    p.add_argument("--within", type=float, default=10.0, help="seconds over which they press Start (default 10)")
+    p.add_argument("--backends", nargs="+", default=["threads", "ray"], choices=["threads", "ray"])
+    p.add_argument("--timeout", type=float, default=900, help="give up on a backend after this many seconds")
+    p.add_argument("--model", default=str(ROOT / "pretrained" / "stage-bigram"),
+                   help="the checkpoint the sidebar shows (default: the smallest, pretrained/stage-bigram)")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    text = Path(os.environ.get(DATA_ENV) or CACHE_DIR / "tinyshakespeare.txt")
+    if not text.is_file():
+        sys.exit(f"error: no Tiny Shakespeare at {text}: set {DATA_ENV} to a copy of its input.txt")
+    os.environ[DATA_ENV] = str(text)
+    cores = os.cpu_count() or 1
+    one = training_cpu_s()
+    bound = one * args.participants / cores
+    results = {workers: run_backend(workers, args, text) for workers in args.backends}
+    rows = [("one training alone", f"{one:.1f} s CPU", RECIPE),
+            ("compute bound", f"{bound:.0f} s", f"{args.participants} trainings over {cores} cores")]
+    for workers, r in results.items():
+        last = f"{r['last_done_s']:.0f} s" if r["last_done_s"] is not None else f"{r['finished']} finished"
+        ratio = f"{r['last_done_s'] / bound:.2f} x the bound" if r["last_done_s"] else ""
+        rows += [(f"{workers}: last training done", last, ratio),
+                 (f"{workers}: Start to first step p50 / p95", f"{_s(r['to_first_step_s']['p50'])} / {_s(r['to_first_step_s']['p95'])}"),
+                 (f"{workers}: poll latency p50 / p95", f"{_s(r['poll_latency_s']['p50'])} / {_s(r['poll_latency_s']['p95'])}",
+                  f"{r['poll_latency_s']['n']} polls while the room trains"),
+                 (f"{workers}: server / its children peak", f"{_mb(r['server_peak_mb'])} / {_mb(r['children_peak_mb'])}",
+                  "resident memory"),
+                 (f"{workers}: errors", r["errors"], "; ".join(r["error_examples"]))]
+    common.report(f"The room: {args.participants} participants start within {args.within:g} s", rows,
+                  dict(machine=common.machine(), participants=args.participants, within_s=args.within,
+                       training_cpu_s=one, bound_s=bound, backends=results))
+
+
+def _s(x) -> str:
+    return f"{x:.2f} s" if x is not None else "-"
+
+
+def _mb(x) -> str:
+    return f"{x:.0f} MB" if x is not None else "-"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Trainings on Ray workers: one actor a training, so a room trains on every core of one
+machine or of several, and a training that dies (out of memory, a crash in a native kernel)
+takes only its own worker down.
+
+The page keeps a `RayTrainingRunner`, the same kind of object as the thread backend's
+TrainingRunner: its thread waits for a slot in the server's queue, starts a `TrainingWorker`
+actor, and mirrors the actor's progress book a few times a second (only what is new crosses
+the wire). When a leg ends (finished, stopped or failed) the weights, the optimizer state and
+the record come back as safetensors and JSON bytes, never pickled modules, and the actor is
+killed: Resume starts a new one from those bytes. Nothing here calls st.*.
+
+    GPT_EXPLORER_RAY_ADDRESS       join this cluster (HEAD:6379) instead of starting a local one
+    GPT_EXPLORER_GPU_PER_TRAINING  share of a GPU each training asks for where the cluster has
+                                   GPUs (default 0.1: ten trainings share a card)
+"""
+
+import os
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import ray
+import torch
+from ray.exceptions import RayError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from core.checkpoint import Checkpoint, checkpoint_bytes, load_checkpoint_bytes
+from core.data import Corpus, load_shakespeare
+from core.trainer import Record, Trainer
+from explorer.offpage.recipes import Settings, make_trainer, probe_ids
+from explorer.offpage.training_run import LiveTraining, Progress, ProgressBook, Runner, TrainingSlots
+
+ADDRESS_ENV = "GPT_EXPLORER_RAY_ADDRESS"
+GPU_ENV = "GPT_EXPLORER_GPU_PER_TRAINING"
+DEFAULT_GPU_SHARE = 0.1
+WORKER_NICE = 10  # workers yield the CPU to the server's pages
+POLL_S = 0.5  # how often the page side asks its worker for news
+STOP_GRACE_S = 30.0  # a stopped training whose worker has not answered by then is killed
+
+ROOT = Path(__file__).resolve().parents[2]  # workers import core and explorer from here, on every machine
+_start_lock = threading.Lock()
+
+
+def start_ray(num_cpus: int | None = None) -> None:
+    """Once per server process: join GPT_EXPLORER_RAY_ADDRESS, or start a local instance with a
+    worker per core (or num_cpus). Later calls return at once.
+
+    ray.init runs on a thread of its own that lives as long as Ray does: Ray's local daemons
+    die with the thread that started them (Linux's PR_SET_PDEATHSIG), and a script run's thread
+    ends with the run."""
+    with _start_lock:
+        if ray.is_initialized():
+            return
+        started, failure = threading.Event(), []
+        threading.Thread(target=_keep_ray, args=(num_cpus, started, failure), name="gpt-explorer-ray",
+                         daemon=True).start()
+        started.wait()
+        if failure:
+            raise failure[0]
+
+
+def _keep_ray(num_cpus: int | None, started: threading.Event, failure: list) -> None:
+    try:
+        job = ray.job_config.JobConfig(code_search_path=[str(ROOT)])
+        address = os.environ.get(ADDRESS_ENV)
+        if address:
+            ray.init(address=address, log_to_driver=False, job_config=job)
+        else:
+            # "local": a new instance of the app's own, even where another one runs on this machine
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                     log_to_driver=False, job_config=job)
+    except Exception as e:  # told to the caller: the Start that asked for Ray says why it cannot
+        failure.append(e)
+        return
+    finally:
+        started.set()
+    while ray.is_initialized():
+        time.sleep(1.0)
+
+
+def cluster_cpus() -> int:
+    """Training slots: one per CPU of the cluster, as it is now."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def gpu_per_training() -> float:
+    """The GPU share each training asks for: none where the cluster has no GPU."""
+    if not ray.cluster_resources().get("GPU"):
+        return 0.0
+    try:
+        share = float(os.environ.get(GPU_ENV, DEFAULT_GPU_SHARE))
+    except ValueError:
+        share = DEFAULT_GPU_SHARE
+    return share if 0 < share <= 1 else DEFAULT_GPU_SHARE
+
+
+def _shakespeare(block_size: int) -> Corpus:
+    return Corpus(load_shakespeare(), block_size)  # read on the worker's machine: only the settings travel
+
+
+class TrainingWorker:
+    """One leg of one training, in a worker process: built from the settings and the text, or
+    from the bytes of the leg before (Resume). Its methods run on a few threads (a threaded
+    actor), so progress and stop are answered while `train` runs."""
+
+    def __init__(self, settings: Settings, text: str | None, watch: dict, resume: tuple[bytes, bytes, bytes] | None,
+                 iters: int):
+        os.nice(max(0, WORKER_NICE - os.nice(0)))  # Ray may have niced its workers already
+        torch.set_num_threads(1)  # one core a training: the slots count cores
+        self.settings, self.text, self.watch, self.resume = settings, text, watch, resume
+        self.book = ProgressBook(Progress(status="running", iters=iters, max_iters=settings.max_iters))
+        self.trainer: Trainer | None = None
+        self._stop = threading.Event()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def train(self) -> tuple[bytes, bytes, bytes] | None:
+        """Train to the end or a stop; the weights, the description and the optimizer state,
+        or None when there is nothing to keep (diverged, or it could not start)."""
+        try:
+            trainer = self._build()
+        except Exception as e:  # settings or text this worker cannot train: said in the session
+            self.book.set(status="failed", message=f"cannot start: {type(e).__name__}: {e}")
+            return None
+        self.trainer = trainer
+        if self._stop.is_set():
+            trainer.request_stop()
+        probe = probe_ids(trainer.corpus, trainer.config.block_size)
+        LiveTraining(trainer, self.book, probe, **self.watch).run()
+        if trainer.diverged:
+            return None
+        weights, meta = checkpoint_bytes(trainer.model, trainer.corpus.tokenizer, trainer.train_config, trainer.record)
+        return weights, meta, save_tensors({k: v.contiguous() for k, v in trainer.state_tensors().items()})
+
+    def progress_since(self, cursor):
+        return self.book.since(cursor)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.trainer is not None:
+            self.trainer.request_stop()
+
+    def _build(self) -> Trainer:
+        if self.resume is None:
+            return make_trainer(self.settings, self.text, _shakespeare)
+        weights, meta, state = self.resume
+        ckpt = load_checkpoint_bytes(weights, meta)
+        config = ckpt.model.config
+        corpus = _shakespeare(config.block_size) if self.text is None else Corpus(self.text, config.block_size,
+                                                                                    ckpt.tokenizer)
+        trainer = Trainer(config, ckpt.train_config, corpus, model=ckpt.model)
+        trainer.record = ckpt.record
+        trainer.load_state_tensors(load_tensors(state))
+        return trainer
+
+
+class RayTrainingRunner(Runner):
+    """The page's side of a training on a Ray worker: the interface of TrainingRunner."""
+
+    def __init__(self, settings: Settings, text: str | None, vocab_size: int, slots: TrainingSlots,
+                 name: str = "training", step_ms: float | None = None, **watch):
+        super().__init__(slots, name, settings.max_iters, step_ms)
+        start_ray()  # the first training of a server starts Ray (or joins its cluster)
+        self.settings, self.watch = settings, watch
+        self.config, self.train_config = settings.model_config(vocab_size), settings.train_config()
+        self._text = ray.put(text) if text is not None else None  # sent to the cluster once, for every leg
+        self._files: tuple[bytes, bytes, bytes] | None = None  # the last leg's weights, description, state
+        self._checkpoint: Checkpoint | None = None
+        self._lost = False
+        self._actor = None
+        self._stopped_at: float | None = None
+
+    @property
+    def record(self) -> Record:
+        return self._checkpoint.record if self._checkpoint is not None else Record()
+
+    @property
+    def weights_lost(self) -> bool:
+        """Nothing to resume or publish: the loss diverged, or the worker died with the weights."""
+        return self._lost
+
+    def checkpoint(self) -> Checkpoint:
+        ckpt = self._checkpoint
+        return Checkpoint(ckpt.model, ckpt.tokenizer, ckpt.train_config, ckpt.record, self.name)
+
+    def checkpoint_files(self) -> tuple[bytes, bytes]:
+        return self._files[0], self._files[1]
+
+    def _request_stop(self) -> None:
+        self._stopped_at = time.monotonic()
+        actor = self._actor
+        if actor is not None:
+            actor.stop.remote()
+
+    def _train(self) -> None:
+        worker = ray.remote(TrainingWorker).options(num_cpus=1, num_gpus=gpu_per_training(), max_concurrency=4)
+        watch = {**self.watch, "reporter": self.room_reporter}  # the room's reporter is plain data: it travels
+        actor = worker.remote(self.settings, self._text, watch, self._files, self.record.iters)
+        self._actor = actor
+        if self._stop.is_set():  # a stop that came before the actor did
+            actor.stop.remote()
+        try:
+            files, last = self._follow(actor, actor.train.remote())
+            if files is None:  # diverged, or could not start
+                self._lost = True
+            else:
+                self._files, self._checkpoint = files, load_checkpoint_bytes(files[0], files[1], name=self.name)
+            self.book.merge(last)  # the end is told once its weights are here
+        except RayError as e:
+            self._lost = True
+            self.book.set(status="failed", message=f"the worker running this training stopped: {_reason(e)}. "
+                                                   "Reset to start again.")
+        finally:
+            self._actor = None
+            ray.kill(actor)
+
+    def _follow(self, actor, done) -> tuple[tuple[bytes, bytes, bytes] | None, Progress]:
+        """Mirror the actor's progress until its leg ends; then what the leg returned, and the
+        last news, not yet merged."""
+        last = self.book.snapshot().snapshots
+        cursor = (0, 0, 0, last[-1][0] if last else -1)
+        while True:
+            ended = bool(ray.wait([done], timeout=0)[0])
+            news = actor.progress_since.remote(cursor)
+            while not ray.wait([news], timeout=POLL_S)[0]:  # the actor is starting (or stuck)
+                self._kill_if_unresponsive(actor)
+            progress, cursor = ray.get(news)
+            if ended:
+                return ray.get(done), progress
+            self.book.merge(replace(progress, status="running"))  # not finished before the weights are back
+            ray.wait([done], timeout=POLL_S)
+            self._kill_if_unresponsive(actor)
+
+    def _kill_if_unresponsive(self, actor) -> None:
+        """A stop not obeyed in STOP_GRACE_S (a worker that never started, a hung kernel) frees
+        the slot anyway."""
+        if self._stop.is_set() and self._stopped_at is not None and time.monotonic() - self._stopped_at > STOP_GRACE_S:
+            ray.kill(actor)
+
+
+def _reason(error: RayError) -> str:
+    """Ray's explanation in a few words: "its worker process has died", "it was killed by
+    `ray.kill`", or the error's first line."""
+    text = str(error)
+    marker = "The actor is dead because "
+    if marker in text:
+        return text.split(marker, 1)[1].split(". ", 1)[0].split("\n", 1)[0].rstrip(".")
+    return text.strip().split("\n", 1)[0].rstrip(".")
