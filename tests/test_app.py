@@ -252,11 +252,14 @@ def test_sample_streams_then_shows_odds_and_attention(pretrained):
     ckpt = load_checkpoint(pretrained)
     prompt = torch.tensor([ckpt.tokenizer.encode("ROMEO:")])
     assert text == ckpt.tokenizer.decode(ckpt.model.generate(prompt, 20, temperature=0)[0].tolist())  # greedy
-    odds = figure(at, 0)["data"][0]
+    written = figure(at, 0)["data"][0]  # the text as characters to click, the last one marked
+    assert len(written["text"]) == 20 and written["marker"]["color"][-1] != written["marker"]["color"][0]
+    odds = figure(at, 1)["data"][0]
     assert odds["marker"]["color"][0] != odds["marker"]["color"][1]  # greedy: the top bar was drawn
-    np.testing.assert_allclose(heat(at, 1).sum(1), 1, atol=1e-5)  # each head's row of weights
+    np.testing.assert_allclose(heat(at, 2).sum(1), 1, atol=1e-5)  # each head's row of weights
     at.select_slider(key="sample_pick").set_value(0).run()
-    assert figure(at, 0)["layout"]["title"]["text"].startswith("Character 0")
+    assert figure(at, 1)["layout"]["title"]["text"].startswith("Character 0")
+    assert figure(at, 0)["data"][0]["marker"]["color"][0] != "rgba(0,0,0,0)"  # the picked one is marked
     assert at.code[0].value == text  # picking a character does not sample again
 
 

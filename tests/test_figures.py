@@ -151,3 +151,14 @@ def test_coloured_text_escapes_markup_and_shows_newlines():
     assert "rgba(31,119,180,0.50)" in html and "rgba(214,39,40,1.00)" in html  # -1 half blue, 2 full red
     unsigned = figures.coloured_text(["a", "b"], np.array([-1.0, 1.0]), ["", ""], 1.0)
     assert "rgba(214,39,40,0.00)" in unsigned and "31,119,180" not in unsigned
+
+
+def test_the_clickable_text_lays_out_every_character_and_marks_the_chosen_one():
+    chars = list("To be, or not") + ["↵"] + list("<b>x</b>")
+    fig = figures.clickable_text(chars, chosen=3, per_line=5)
+    trace = fig.data[0]
+    assert list(trace.x[:6]) == [0, 1, 2, 3, 4, 0] and list(trace.y[:6]) == [0, 0, 0, 0, 0, 1]
+    assert list(trace.customdata) == list(range(len(chars)))  # a click's point index is the character's
+    assert [c != "rgba(0,0,0,0)" for c in trace.marker.color].index(True) == 3
+    assert sum(c != "rgba(0,0,0,0)" for c in trace.marker.color) == 1
+    assert "<b>" not in "".join(trace.text)  # Plotly renders tags in text: escaped

@@ -120,8 +120,9 @@ def pick_position(label: str, chars: list[str], key: str) -> int:
     """One position of a sequence, shown with its character; the last by default."""
     if len(chars) == 1:
         return 0  # a slider needs two options
-    return st.select_slider(label, options=range(len(chars)), value=len(chars) - 1, key=key,
-                            format_func=lambda i: f"{i} {chars[i]}")
+    if st.session_state.get(key, -1) not in range(len(chars)):  # new, or past the end of a shorter text
+        st.session_state[key] = len(chars) - 1
+    return st.select_slider(label, options=range(len(chars)), key=key, format_func=lambda i: f"{i} {chars[i]}")
 
 
 def chart(fig: go.Figure, name: str, **select) -> None:

@@ -291,3 +291,21 @@ def coloured_text(chars: list[str], values: np.ndarray, tips: list[str], vmax: f
 
 def _entities(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch == " " else f"&#{ord(ch)};" for ch in text)
+
+
+def clickable_text(chars: list[str], chosen: int | None = None, per_line: int = 64) -> go.Figure:
+    """Characters laid out as text, `per_line` to a line, each one a point a click selects
+    (st.plotly_chart's on_select returns its point_index); the chosen one on a red square."""
+    n = len(chars)
+    x = np.arange(n) % per_line
+    y = np.arange(n) // per_line
+    colours = np.where(np.arange(n) == (chosen if chosen is not None else -1), "#d62728", "rgba(0,0,0,0)")
+    fig = go.Figure(go.Scatter(
+        x=x, y=y, mode="markers+text", text=[html.escape(c) for c in chars], textfont=dict(family="monospace", size=15),
+        marker=dict(symbol="square", size=18, color=list(colours)), customdata=np.arange(n),
+        hovertemplate="character %{customdata}: %{text}<extra></extra>"))
+    lines = int(y.max()) + 1 if n else 1
+    fig.update_xaxes(visible=False, range=[-1, per_line])
+    fig.update_yaxes(visible=False, autorange="reversed", range=[lines, -1])
+    fig.update_layout(showlegend=False, dragmode=False, clickmode="event+select", plot_bgcolor="white")
+    return _finish(fig, "Click a written character to see how it was chosen", 80 + 26 * lines)

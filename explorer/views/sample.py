@@ -15,6 +15,7 @@ from explorer.offpage.sample_job import Sample, SampleJob
 
 TOP_CHARS = 15
 POLL_S = 0.5  # how often the page shows the characters written so far
+PICK, CLICK = "sample_pick", "sample_text_click"  # the slider's key, the clickable text's
 WINDOWS = {"fast": "Fast: slide by half a block", "lecture": "The lecture's: slide by one character"}
 
 
@@ -74,11 +75,27 @@ def show_text(ckpt: Checkpoint, result: Sample) -> None:
     st.code(ckpt.tokenizer.decode(result.prompt_ids + result.new_ids), language=None, wrap_lines=True)
 
 
+def _clicked() -> int | None:
+    """The character clicked in the text since the last run, if any (each click counts once)."""
+    event = st.session_state.get(CLICK)
+    points = event.selection.points if event is not None else []
+    if not points or points == st.session_state.get(CLICK + "_seen"):
+        return None
+    st.session_state[CLICK + "_seen"] = points
+    return int(points[0]["point_index"])
+
+
 def inspect_character(ckpt: Checkpoint, result: Sample) -> None:
     """The odds one written character was drawn from, and what the model looked at to write it."""
     itos = ckpt.tokenizer.itos
     chars = [visible(itos[i]) for i in result.new_ids]
-    i = widgets.pick_position("Generated character", chars, key="sample_pick")
+    clicked = _clicked()
+    if clicked is not None and clicked < len(chars):
+        st.session_state[PICK] = clicked  # a click in the text moves the slider there
+    chosen = st.session_state.get(PICK, len(chars) - 1)
+    widgets.chart(figures.clickable_text(chars, chosen if chosen < len(chars) else None), "sample_text",
+                  on_select="rerun", selection_mode="points", key=CLICK)
+    i = widgets.pick_position("Generated character", chars, key=PICK)
     probs = result.probs[i]
     top = np.argsort(probs)[::-1][:TOP_CHARS]
     chosen = result.new_ids[i]
