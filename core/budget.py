@@ -38,9 +38,9 @@ class BudgetError(ValueError):
     declared settings and tensors do not fit together. The message says which, in a user's words."""
 
 
-def env_int(name: str, default: int, problems: list[str]) -> int:
+def env_int(name: str, default: int | None, problems: list[str]) -> int | None:
     """An instructor's cap from the environment; an unusable value is noted in problems and the
-    default used instead."""
+    default used instead (None: the caller's own default)."""
     raw = os.environ.get(name)
     if raw is None:
         return default
@@ -50,7 +50,8 @@ def env_int(name: str, default: int, problems: list[str]) -> int:
             raise ValueError
         return value
     except (ValueError, OverflowError):
-        problems.append(f"{name}={raw!r} is not a whole number from 1 to {MAX_ENV:,}; using {default:,}.")
+        using = f"using {default:,}" if default is not None else "using the default"
+        problems.append(f"{name}={raw!r} is not a whole number from 1 to {MAX_ENV:,}; {using}.")
         return default
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from core import GPT, CharTokenizer, GPTConfig
+from core.budget import MAX_ENV, Budgets, env_int
 from core.data import Corpus
 from core.trainer import TrainConfig, Trainer
 
@@ -35,22 +36,7 @@ class Limits:
 
 
 WORKERS = ("threads", "ray")
-MAX_CAP = 10**9  # a browser's number widgets hold whole numbers up to 2**53 only
-
-
-def _env_int(name: str, default: int | None, problems: list[str]) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(float(raw))  # OverflowError for "inf"
-        if not 1 <= value <= MAX_CAP:
-            raise ValueError
-        return value
-    except (ValueError, OverflowError):
-        using = f"using {default:,}" if default is not None else "using the default"
-        problems.append(f"{name}={raw!r} is not a whole number from 1 to {MAX_CAP:,}; {using}.")
-        return default
+MAX_CAP = MAX_ENV  # the caps a teacher may set, as the environment's
 
 
 def read_limits() -> tuple[Limits, list[str]]:
@@ -62,12 +48,12 @@ def read_limits() -> tuple[Limits, list[str]]:
         workers = WORKERS[0]
     limits = Limits(
         workers=workers,
-        max_trainings=_env_int("GPT_EXPLORER_MAX_TRAININGS", None, problems),
-        max_params=_env_int("GPT_EXPLORER_MAX_PARAMS", 1_000_000, problems),
-        max_iters=_env_int("GPT_EXPLORER_MAX_ITERS", 5_000, problems),
-        max_text_bytes=_env_int("GPT_EXPLORER_MAX_TEXT_MB", 5, problems) * 1_000_000,
+        max_trainings=env_int("GPT_EXPLORER_MAX_TRAININGS", None, problems),
+        max_params=env_int("GPT_EXPLORER_MAX_PARAMS", 1_000_000, problems),
+        max_iters=env_int("GPT_EXPLORER_MAX_ITERS", 5_000, problems),
+        max_text_bytes=env_int("GPT_EXPLORER_MAX_TEXT_MB", 5, problems) * 1_000_000,
     )
-    return limits, problems
+    return limits, problems + list(Budgets.from_env().notes)  # the model budgets are the instructor's caps too
 
 
 @dataclass(frozen=True)

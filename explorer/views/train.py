@@ -246,13 +246,15 @@ def status_line(runner: Runner, p, slots: TrainingSlots) -> None:
                 f"This server trains {slots.capacity} model(s) at a time.{when}")
         return
     done = p.iters / max(1, p.max_iters)
-    left = (p.max_iters - p.iters) * runner.config.block_size * runner.train_config.batch_size
-    eta = f" · about {_duration(left / p.tokens_per_s)} left" if p.tokens_per_s and p.status == "running" else ""
+    left = runner.seconds_left() if p.status == "running" else None  # the median of recent steps: steady
+    eta = f" · about {_duration(left)} left" if left is not None else ""
     st.progress(min(1.0, done), text=f"step {p.iters:,} of {p.max_iters:,} · {p.tokens_per_s:,.0f} tokens/s{eta}")
     if p.status == "failed":
         st.error(p.message)
-    elif p.status in ("finished", "stopped"):
-        st.success(f"{p.status.capitalize()}: {p.message}.")
+    elif p.status == "finished":
+        st.success(f"Finished: all {p.max_iters:,} steps.")
+    elif p.status == "stopped":
+        st.success(f"Stopped at step {p.iters:,}: Resume carries on from there.")
 
 
 def room_line(slots: TrainingSlots) -> None:
