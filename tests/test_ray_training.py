@@ -128,8 +128,9 @@ def test_the_train_view_trains_on_a_worker(ray_app):
     assert rerun_until(at, lambda a: step(a) > 0, timeout=TIMEOUT)
     assert rerun_until(at, lambda a: "Finished" in "".join(s.value for s in a.success), timeout=TIMEOUT)
     assert step(at) == 200
-    picker = at.sidebar.selectbox(key="model")
-    assert picker.value == "layernorm run 1 (trained here)"
+    # "Finished" shows a moment before the worker's thread has ended; the run after that publishes it.
+    assert rerun_until(at, lambda a: a.sidebar.selectbox(key="model").value == "layernorm run 1 (trained here)",
+                       timeout=TIMEOUT)
     assert at.get("download_button")
 
 

@@ -72,6 +72,8 @@ def test_a_tiny_run_trains_live_and_joins_the_model_picker():
     assert rerun_until(at, lambda a: loss_points(a) > first)  # the curve gains points while it runs
     assert rerun_until(at, lambda a: "Finished" in "".join(s.value for s in a.success))
     assert step(at) == 400
+    # "Finished" shows a moment before the training thread has ended; the run after that publishes it.
+    assert rerun_until(at, lambda a: any(o.endswith("(trained here)") for o in a.sidebar.selectbox(key="model").options))
     picker = at.sidebar.selectbox(key="model")
     trained = [o for o in picker.options if o.endswith("(trained here)")]
     assert trained == ["layernorm run 1 (trained here)"]
