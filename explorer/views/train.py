@@ -15,13 +15,13 @@ from core.data import DataError, check_length, text_from_bytes
 from core.lens import head_stats
 from explorer.glue import room_glue, widgets
 from explorer.glue.session import SessionThreads, session_threads
-from explorer.glue.train_setup import new_runner, step_ms, training_slots
+from explorer.glue.train_setup import new_runner, shakespeare_twice, step_ms, training_slots
 from explorer.offpage import figures
-from explorer.offpage.recipes import RECIPES, Settings, count_params
+from explorer.offpage.recipes import RECIPE_TEXTS, RECIPES, TWICE, Settings, count_params
 from explorer.offpage.room import RoomError
 from explorer.offpage.training_run import INDUCTION_AT, Progress, Runner, TrainingSlots
 
-SOURCES = ("Tiny Shakespeare", "Upload a .txt file", "Paste text")
+SOURCES = ("Tiny Shakespeare", "Upload a .txt file", "Paste text", TWICE)
 LEARNING_RATES = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0, 10.0)  # the last ones diverge, on purpose
 K = "train_"  # widget keys of this view
 ERROR = K + "error"
@@ -46,9 +46,13 @@ def train_view() -> None:
 
 
 def apply_recipe() -> None:
-    settings = RECIPES[st.session_state[K + "recipe"]][1]
-    for name, value in vars(settings).items():
+    recipe = st.session_state[K + "recipe"]
+    for name, value in vars(RECIPES[recipe][1]).items():
         st.session_state[K + name] = value
+    if recipe in RECIPE_TEXTS:
+        st.session_state[K + "source"] = RECIPE_TEXTS[recipe]
+    elif st.session_state.get(K + "source") in RECIPE_TEXTS.values():  # another recipe's text, not the user's
+        st.session_state[K + "source"] = SOURCES[0]
 
 
 def setup(limits, slots: TrainingSlots) -> None:
@@ -116,6 +120,8 @@ def current_text(limits) -> str | None:
         if not text:
             raise DataError("paste some text first")
         return text
+    if source == TWICE:
+        return shakespeare_twice()
     return None
 
 
