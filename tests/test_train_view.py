@@ -211,7 +211,7 @@ def test_the_heads_induction_and_in_context_scores_are_drawn_over_training():
     assert "Previous-token score of each head" in shown
     assert len(shown["In-context learning"]["data"][0]["y"]) == 3
     said = [c.value for c in at.caption if "induction head looks at" in c.value]
-    assert len(said) == 1 and ("No head has scored 0.2 yet" in said[0] or "first scored" in said[0])
+    assert len(said) == 1 and ("No head has scored 0.1 yet" in said[0] or "first scored" in said[0])
 
 
 def test_the_induction_recipe_picks_its_text_and_another_recipe_gives_it_back():
