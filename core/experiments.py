@@ -343,7 +343,7 @@ def induction_score(pattern: torch.Tensor, length: int) -> torch.Tensor:
 
 def _probe_run(model: GPT, batch: int, seed: int) -> tuple[torch.Tensor, Cache, int]:
     length = model.config.block_size // 2
-    probe = induction_probe(model.config.vocab_size, length, batch, seed)
+    probe = induction_probe(model.config.vocab_size, length, batch, seed).to(next(model.parameters()).device)
     cache: Cache = {}
     with evaluating(model):
         logits, _ = model(probe, cache=cache)

@@ -25,6 +25,7 @@ PAGES = [
     ("activations.py", "Activations", ":material/bolt:"),
     ("experiments.py", "Experiments", ":material/science:"),
     ("patching.py", "Patching", ":material/compare_arrows:"),
+    ("compare.py", "Compare", ":material/difference:"),
     ("sample.py", "Sample", ":material/edit_note:"),
     ("data.py", "Data", ":material/table_rows:"),
     ("export.py", "Export", ":material/download:"),

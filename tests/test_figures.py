@@ -162,3 +162,22 @@ def test_the_clickable_text_lays_out_every_character_and_marks_the_chosen_one():
     assert [c != "rgba(0,0,0,0)" for c in trace.marker.color].index(True) == 3
     assert sum(c != "rgba(0,0,0,0)" for c in trace.marker.color) == 1
     assert "<b>" not in "".join(trace.text)  # Plotly renders tags in text: escaped
+
+
+def test_the_loss_curve_marks_a_step_with_a_labelled_line():
+    steps = [dict(iter=i, loss=3.0 - i / 100) for i in range(1, 101)]
+    evals = [dict(iter=50, train_loss=2.5, val_loss=2.6)]
+    plain = figures.loss_curve(steps, evals)
+    assert not plain.layout.shapes and not plain.layout.annotations
+    fig = figures.loss_curve(steps, evals, {"induction head": 60})
+    (line,) = fig.layout.shapes
+    assert line.x0 == line.x1 == 60 and line.line.dash == "dash"
+    assert [a.text for a in fig.layout.annotations] == ["induction head"]
+    assert len(fig.data) == len(plain.data)  # the mark is a shape, not another trace
+
+
+def test_step_line_draws_one_quantity_over_training_with_zero_marked():
+    fig = figures.step_line(np.array([0, 50, 100]), [0.0, -0.1, 0.8], "In-context learning", "nats", "gap")
+    (trace,) = fig.data
+    assert list(trace.x) == [0, 50, 100] and np.allclose(trace.y, [0.0, -0.1, 0.8])
+    assert fig.layout.shapes[0].y0 == fig.layout.shapes[0].y1 == 0

@@ -191,3 +191,39 @@ def test_a_binary_upload_is_refused():
     assert not at.exception
     assert "binary" in at.warning[0].value
     assert at.button(key="train_start").disabled
+
+
+def charts(at: AppTest) -> dict[str, dict]:
+    """The page's Plotly figures by title."""
+    found = {}
+    for i in range(len(at.get("plotly_chart"))):
+        fig = figure(at, i)
+        found[fig["layout"].get("title", {}).get("text", "")] = fig
+    return found
+
+
+def test_the_heads_induction_and_in_context_scores_are_drawn_over_training():
+    at = open_train(max_iters=60)
+    click(at, "train_start")
+    assert rerun_until(at, lambda a: "Finished" in "".join(s.value for s in a.success))
+    shown = charts(at)
+    induction = shown["Induction score of each head"]["data"]
+    assert len(induction) == TINY["n_layer"] * TINY["n_head"]  # one line per head
+    assert list(induction[0]["x"]) == [0, 50, 60]  # every snapshot, the untrained model's first
+    assert "Previous-token score of each head" in shown
+    assert len(shown["In-context learning"]["data"][0]["y"]) == 3
+    said = [c.value for c in at.caption if "induction head looks at" in c.value]
+    assert len(said) == 1 and ("No head has scored 0.1 yet" in said[0] or "first scored" in said[0])
+
+
+def test_the_induction_recipe_picks_its_text_and_another_recipe_gives_it_back():
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.run()
+    at.switch_page("views/train.py").run()
+    at.selectbox(key="train_recipe").set_value("Induction heads (a few minutes)").run()
+    assert at.radio(key="train_source").value == "Tiny Shakespeare, every line twice"
+    assert at.number_input(key="train_n_layer").value == 2 and at.number_input(key="train_block_size").value == 128
+    assert "parameters" in at.info[0].value and not at.warning  # the doubled text is there to train on
+    at.selectbox(key="train_recipe").set_value("1-minute demo").run()
+    assert at.radio(key="train_source").value == "Tiny Shakespeare"
+    assert not at.exception

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from core import CharTokenizer, GPTConfig
+from core import experiments as E
 from core.data import Corpus
 from core.trainer import TrainConfig, Trainer
 from explorer.offpage.training_run import Progress, ProgressBook, TrainingRunner, TrainingSlots
@@ -168,11 +169,12 @@ def test_a_book_sends_only_what_is_new():
     runner = make_runner(TrainingSlots(1), max_iters=60)
     runner.start()
     runner.join(20)
-    mirror, cursor = ProgressBook(Progress()), (0, 0, 0, -1)
+    mirror, cursor = ProgressBook(Progress()), (0, 0, 0, -1, -1)
     whole = runner.book.snapshot()
     seen = 0
     for n in (7, 30, len(whole.steps)):  # three polls of a page on another machine
-        source = ProgressBook(replace(whole, steps=whole.steps[:n], snapshots=whole.snapshots[: n // 10 + 1]))
+        source = ProgressBook(replace(whole, steps=whole.steps[:n], snapshots=whole.snapshots[: n // 10 + 1],
+                                      head_scores=whole.head_scores[: n // 10 + 1]))
         news, cursor = source.since(cursor)
         assert news.steps == whole.steps[seen:n]
         mirror.merge(news)
@@ -180,4 +182,27 @@ def test_a_book_sends_only_what_is_new():
     mine = mirror.snapshot()
     assert mine.steps == whole.steps and mine.evals == whole.evals and mine.samples == whole.samples
     assert [it for it, _ in mine.snapshots] == [it for it, _ in whole.snapshots]
+    assert [r["iter"] for r in mine.head_scores] == [r["iter"] for r in whole.head_scores] == list(range(0, 61, 10))
+    for got, sent in zip(mine.head_scores, whole.head_scores):
+        np.testing.assert_array_equal(got["induction"], sent["induction"])
+        np.testing.assert_array_equal(got["previous_token"], sent["previous_token"])
+        assert got["icl_gap"] == sent["icl_gap"]
     assert mine.status == "finished" and mine.iters == 60
+
+
+def test_every_snapshot_scores_the_heads_as_core_experiments_does():
+    runner = make_runner(TrainingSlots(1), max_iters=20)
+    runner.start()
+    runner.join(20)
+    p, model = runner.snapshot(), runner.trainer.model
+    assert [r["iter"] for r in p.head_scores] == [it for it, _ in p.snapshots] == [0, 10, 20]
+    last = p.head_scores[-1]
+    assert last["induction"].shape == last["previous_token"].shape == (2, 2)
+    np.testing.assert_allclose(last["induction"], E.induction_scores(model).numpy(), atol=1e-6)
+    assert last["icl_gap"] == pytest.approx(E.icl_gap(model).gap, abs=1e-6)
+
+
+def test_the_induction_step_is_the_first_score_over_the_threshold():
+    rows = [dict(iter=it, induction=np.array([[0.0, score]])) for it, score in ((0, 0.01), (50, 0.35), (100, 0.2))]
+    assert Progress(head_scores=rows).induction_step(0.3) == 50
+    assert Progress(head_scores=rows).induction_step(0.5) is None

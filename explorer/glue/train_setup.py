@@ -9,7 +9,7 @@ import streamlit as st
 from core import CharTokenizer, stage_of
 from core.data import Corpus, load_shakespeare
 from core.trainer import time_step
-from explorer.offpage.recipes import Limits, Settings, make_trainer, probe_ids
+from explorer.offpage.recipes import Limits, Settings, every_line_twice, make_trainer, probe_ids
 from explorer.offpage.step_times import StepTimes
 from explorer.offpage.training_run import Runner, TrainingRunner, TrainingSlots
 
@@ -18,6 +18,12 @@ from explorer.offpage.training_run import Runner, TrainingRunner, TrainingSlots
 def shakespeare_corpus(block_size: int) -> Corpus:
     """One encoded copy per block size, shared read-only by every session."""
     return Corpus(load_shakespeare(), block_size)
+
+
+@st.cache_resource(show_spinner="Reading Tiny Shakespeare…")
+def shakespeare_twice() -> str:
+    """The induction recipe's text, made once for every session."""
+    return every_line_twice(load_shakespeare())
 
 
 @st.cache_resource

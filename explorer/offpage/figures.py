@@ -200,8 +200,9 @@ def scatter_2d(points: np.ndarray, labels: list[str], title: str = "", *, x_titl
     return _finish(fig, title, 520)
 
 
-def loss_curve(steps: list[dict], evals: list[dict]) -> go.Figure:
-    """Per-step training loss (thin) and the periodic train/val estimates (markers)."""
+def loss_curve(steps: list[dict], evals: list[dict], marks: dict[str, int] | None = None) -> go.Figure:
+    """Per-step training loss (thin) and the periodic train/val estimates (markers); marks
+    (label -> step) draws a dashed vertical line at each step, labelled at the top."""
     fig = go.Figure()
     if steps:
         fig.add_trace(go.Scatter(x=np.array([r["iter"] for r in steps]), mode="lines", name="loss (each step)",
@@ -212,6 +213,9 @@ def loss_curve(steps: list[dict], evals: list[dict]) -> go.Figure:
             fig.add_trace(go.Scatter(x=np.array([e["iter"] for e in evals]), mode="lines+markers",
                                      y=np.array([e[f"{split}_loss"] for e in evals], dtype=np.float32),
                                      name=f"{split} loss (estimate)", line=dict(color=color)))
+    for label, step in (marks or {}).items():
+        fig.add_vline(x=step, line=dict(dash="dash", color="#6a3d9a", width=1.5), annotation_text=label,
+                      annotation_position="top right")
     fig.update_xaxes(title="step")
     fig.update_yaxes(title="cross-entropy loss")
     return _finish(fig, "Loss", 360)
@@ -224,6 +228,15 @@ def head_lines(iters: np.ndarray, values: np.ndarray, title: str, y_title: str) 
     fig = go.Figure([go.Scatter(x=iters, y=values[:, layer, head].astype(np.float32), mode="lines",
                                 name=f"L{layer} H{head}", line=dict(color=colours[(layer * H + head) % len(colours)]))
                      for layer in range(L) for head in range(H)])
+    fig.update_xaxes(title="step")
+    fig.update_yaxes(title=y_title)
+    return _finish(fig, title, 320)
+
+
+def step_line(iters: np.ndarray, values: np.ndarray, title: str, y_title: str, name: str) -> go.Figure:
+    """One quantity over training, with a grey line at zero (e.g. the in-context learning gap)."""
+    fig = go.Figure(go.Scatter(x=iters, y=np.asarray(values, dtype=np.float32), mode="lines+markers", name=name))
+    fig.add_hline(y=0, line=dict(color="#bdbdbd", width=1))
     fig.update_xaxes(title="step")
     fig.update_yaxes(title=y_title)
     return _finish(fig, title, 320)

@@ -220,8 +220,9 @@ class RayTrainingRunner(Runner):
     def _follow(self, actor, done) -> tuple[tuple[bytes, bytes, bytes] | None, Progress]:
         """Mirror the actor's progress until its leg ends; then what the leg returned, and the
         last news, not yet merged."""
-        last = self.book.snapshot().snapshots
-        cursor = (0, 0, 0, last[-1][0] if last else -1)
+        mine = self.book.snapshot()
+        last = mine.snapshots[-1][0] if mine.snapshots else -1
+        cursor = (0, 0, 0, last, mine.head_scores[-1]["iter"] if mine.head_scores else -1)
         while True:
             ended = bool(ray.wait([done], timeout=0)[0])
             news = actor.progress_since.remote(cursor)

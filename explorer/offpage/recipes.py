@@ -24,6 +24,8 @@ from core.data import Corpus
 from core.trainer import TrainConfig, Trainer
 
 PROBE = "First Citizen:\nBefore we proceed any further, hear me speak."
+# A text where copying from the context pays: Tiny Shakespeare with every line written twice in a row.
+TWICE = "Tiny Shakespeare, every line twice"
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,16 @@ RECIPES: dict[str, tuple[str, Settings]] = {
     "Longer run (about 10 minutes)": ("More steps and a wider model: readable Shakespeare-like text.",
                                       Settings(n_embd=128, max_iters=4000, batch_size=16, learning_rate=2e-3,
                                                eval_interval=250)),
+    "Induction heads (a few minutes)": (
+        "Two blocks on Tiny Shakespeare with every line written twice, where copying pays: watch an induction "
+        "head appear, marked on the loss curve (benchmarks/README.md).",
+        Settings(n_layer=2, block_size=128, max_iters=4000, eval_interval=250)),
 }
+RECIPE_TEXTS = {"Induction heads (a few minutes)": TWICE}  # the text a recipe trains on, where not the form's
+
+
+def every_line_twice(text: str) -> str:
+    return "".join(line + line for line in text.splitlines(keepends=True))
 
 
 def make_trainer(settings: Settings, text: str | None, shakespeare: Callable[[int], Corpus]) -> Trainer:

@@ -18,12 +18,19 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from core import experiments
 from core.checkpoint import Checkpoint, checkpoint_bytes
 from core.lens import patterns, run_with_cache
 from core.trainer import Trainer
 
 MAX_SNAPSHOTS = 60  # attention snapshots kept per run; older ones are thinned out
 RECENT_STEPS = 20  # steps whose median time predicts the next ones
+# Induction appears when a head's score reaches this: many times what even attention over half a
+# block gives the one key induction asks for, and what the shipped Shakespeare checkpoints (which
+# never learnt to copy) reach; the induction recipe's heads jump past it in a phase change, with
+# the in-context gap, and level off above it; for contexts under 32 characters even attention
+# comes within a factor of three of it (benchmarks/README.md).
+INDUCTION_AT = 0.1
 
 
 class TrainingSlots:
@@ -110,12 +117,19 @@ class Progress:
     evals: list[dict] = field(default_factory=list)  # iter, train_loss, val_loss
     samples: list[tuple[int, str]] = field(default_factory=list)  # (iter, text)
     snapshots: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (iter, pattern (L, H, T, T) float16)
+    # At each snapshot: iter, induction and previous_token ((L, H) float32 head scores), icl_gap (nats)
+    head_scores: list[dict] = field(default_factory=list)
     iters: int = 0
     max_iters: int = 0
     tokens_per_s: float = 0.0
 
+    def induction_step(self, threshold: float = INDUCTION_AT) -> int | None:
+        """The first recorded step where some head's induction score reached threshold; None if none has."""
+        return next((row["iter"] for row in self.head_scores if row["induction"].max() >= threshold), None)
 
-Cursor = tuple[int, int, int, int]  # rows of steps, evals and samples already read; the last snapshot's step
+
+# Rows of steps, evals and samples already read; the step of the last snapshot and of the last head scores
+Cursor = tuple[int, int, int, int, int]
 
 
 class ProgressBook:
@@ -154,11 +168,13 @@ class ProgressBook:
         what a page on another machine needs to catch up, and no more."""
         with self._lock:
             p = self._progress
-            n_steps, n_evals, n_samples, last_snapshot = cursor
+            n_steps, n_evals, n_samples, last_snapshot, last_scores = cursor
             new = replace(p, steps=p.steps[n_steps:], evals=p.evals[n_evals:], samples=p.samples[n_samples:],
-                          snapshots=[s for s in p.snapshots if s[0] > last_snapshot])
+                          snapshots=[s for s in p.snapshots if s[0] > last_snapshot],
+                          head_scores=[r for r in p.head_scores if r["iter"] > last_scores])
             last = p.snapshots[-1][0] if p.snapshots else last_snapshot
-            return new, (len(p.steps), len(p.evals), len(p.samples), max(last, last_snapshot))
+            scored = p.head_scores[-1]["iter"] if p.head_scores else last_scores
+            return new, (len(p.steps), len(p.evals), len(p.samples), max(last, last_snapshot), max(scored, last_scores))
 
     def merge(self, new: Progress) -> None:
         """Append what `since` returned elsewhere, and take its scalars."""
@@ -170,13 +186,15 @@ class ProgressBook:
             self.add("samples", item)
         for item in new.snapshots:
             self.add("snapshots", item)
+        for item in new.head_scores:
+            self.add("head_scores", item)
         self.set(status=new.status, message=new.message, iters=new.iters, max_iters=new.max_iters,
                  tokens_per_s=new.tokens_per_s)
 
 
 class LiveTraining:
-    """Runs Trainer.train and reports it into a book: steps, evaluations, samples and attention
-    snapshots. The only such bookkeeping; every backend runs its trainings through it."""
+    """Runs Trainer.train and reports it into a book: steps, evaluations, samples, attention
+    snapshots and head scores. The only such bookkeeping; every backend runs its trainings through it."""
 
     def __init__(self, trainer: Trainer, book: ProgressBook, probe_ids: list[int] | None = None,
                  sample_every: int = 200, snapshot_every: int = 50, sample_chars: int = 200, chunk: int = 10,
@@ -186,6 +204,7 @@ class LiveTraining:
         self.probe = torch.tensor([probe_ids[: trainer.config.block_size]]) if probe_ids else None
         self.sample_every, self.snapshot_every = sample_every, snapshot_every
         self.sample_chars, self.chunk = sample_chars, chunk
+        self._val_x: torch.Tensor | None = None  # the validation windows the previous-token scores read
 
     def run(self) -> None:
         """Train until the end or a stop; the book says how it ended. Never raises: a failure is
@@ -221,6 +240,8 @@ class LiveTraining:
             self.book.add("samples", (it, self._sample()))
         if self.probe is not None and self.snapshot_every and (it % self.snapshot_every == 0 or last):
             self.book.add("snapshots", (it, self._attention()))
+            if self.trainer.config.attention:  # the bigram model has no heads to score
+                self.book.add("head_scores", self._head_scores(it))
 
     def _sample(self) -> str:
         model, tok = self.trainer.model, self.trainer.corpus.tokenizer
@@ -235,6 +256,17 @@ class LiveTraining:
             return np.zeros((0,), dtype=np.float16)
         _, cache = run_with_cache(self.trainer.model, self.probe.to(self.trainer.device))
         return patterns(cache).cpu().numpy().astype(np.float16)  # (L, H, T, T)
+
+    def _head_scores(self, it: int) -> dict:
+        """Each head's induction and previous-token score, and the in-context gap: two forward
+        passes on the induction probe and one on a batch of validation windows."""
+        model = self.trainer.model
+        if self._val_x is None:
+            self._val_x = experiments.val_windows(self.trainer.corpus, self.trainer.config.block_size)[0]
+        types = experiments.head_types(model, self._val_x.to(self.trainer.device))
+        return dict(iter=it, induction=types["induction"].cpu().numpy().astype(np.float32),
+                    previous_token=types["previous_token"].cpu().numpy().astype(np.float32),
+                    icl_gap=experiments.icl_gap(model).gap)
 
 
 class Runner:

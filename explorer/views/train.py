@@ -15,13 +15,13 @@ from core.data import DataError, check_length, text_from_bytes
 from core.lens import head_stats
 from explorer.glue import room_glue, widgets
 from explorer.glue.session import SessionThreads, session_threads
-from explorer.glue.train_setup import new_runner, step_ms, training_slots
+from explorer.glue.train_setup import new_runner, shakespeare_twice, step_ms, training_slots
 from explorer.offpage import figures
-from explorer.offpage.recipes import RECIPES, Settings, count_params
+from explorer.offpage.recipes import RECIPE_TEXTS, RECIPES, TWICE, Settings, count_params
 from explorer.offpage.room import RoomError
-from explorer.offpage.training_run import Runner, TrainingSlots
+from explorer.offpage.training_run import INDUCTION_AT, Progress, Runner, TrainingSlots
 
-SOURCES = ("Tiny Shakespeare", "Upload a .txt file", "Paste text")
+SOURCES = ("Tiny Shakespeare", "Upload a .txt file", "Paste text", TWICE)
 LEARNING_RATES = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0, 10.0)  # the last ones diverge, on purpose
 K = "train_"  # widget keys of this view
 ERROR = K + "error"
@@ -46,9 +46,13 @@ def train_view() -> None:
 
 
 def apply_recipe() -> None:
-    settings = RECIPES[st.session_state[K + "recipe"]][1]
-    for name, value in vars(settings).items():
+    recipe = st.session_state[K + "recipe"]
+    for name, value in vars(RECIPES[recipe][1]).items():
         st.session_state[K + name] = value
+    if recipe in RECIPE_TEXTS:
+        st.session_state[K + "source"] = RECIPE_TEXTS[recipe]
+    elif st.session_state.get(K + "source") in RECIPE_TEXTS.values():  # another recipe's text, not the user's
+        st.session_state[K + "source"] = SOURCES[0]
 
 
 def setup(limits, slots: TrainingSlots) -> None:
@@ -116,6 +120,8 @@ def current_text(limits) -> str | None:
         if not text:
             raise DataError("paste some text first")
         return text
+    if source == TWICE:
+        return shakespeare_twice()
     return None
 
 
@@ -199,13 +205,17 @@ def progress(runner: Runner, slots: TrainingSlots) -> None:
         status_line(runner, p, slots)
         room_line(slots)
         if p.steps or p.evals:
-            widgets.chart(figures.loss_curve(p.steps, p.evals), "loss")
+            found = p.induction_step()
+            marks = {f"induction head (score ≥ {INDUCTION_AT})": found} if found is not None else None
+            widgets.chart(figures.loss_curve(p.steps, p.evals, marks), "loss")
         if p.samples:
             it, text = p.samples[-1]
             st.markdown(f"**A sample at step {it}** (200 characters after a newline, seed 0)")
             st.code(text, language=None)
         if p.snapshots and p.snapshots[-1][1].size:
             heads(runner, p.snapshots)
+        if p.head_scores:
+            induction(p)
 
     live()
 
@@ -289,6 +299,29 @@ def heads(runner: Runner, snapshots: list[tuple[int, np.ndarray]]) -> None:
     with right:
         widgets.chart(figures.head_lines(np.array(iters), stats["prev_char"].numpy(),
                                     "Weight on the previous character", "weight"), "head_prev_char")
+
+
+def induction(p: Progress) -> None:
+    """Each head's induction and previous-token scores and the in-context gap, at every snapshot."""
+    st.subheader("Induction heads")
+    iters = np.array([row["iter"] for row in p.head_scores])
+    left, right = st.columns(2)
+    with left:
+        widgets.chart(figures.head_lines(iters, np.stack([row["induction"] for row in p.head_scores]),
+                                         "Induction score of each head", "score (1: a perfect induction head)"),
+                      "head_induction")
+    with right:
+        widgets.chart(figures.head_lines(iters, np.stack([row["previous_token"] for row in p.head_scores]),
+                                         "Previous-token score of each head", "weight (validation text)"),
+                      "head_previous_token")
+    widgets.chart(figures.step_line(iters, [row["icl_gap"] for row in p.head_scores], "In-context learning",
+                                    "loss on the first copy − on the second (nats)", "gap"), "icl_gap")
+    found = p.induction_step()
+    when = (f"At step {found:,} a head first scored {INDUCTION_AT} or more (the dashed line on the loss curve)."
+            if found is not None else f"No head has scored {INDUCTION_AT} yet.")
+    st.caption("On random characters repeated once, an induction head looks at what followed the same character "
+               "the first time, and so copies it: it needs a previous-token head in an earlier layer. The gap "
+               f"is how much easier the second copy is than the first: above 0, the model copies. {when}")
 
 
 def hold_snapshot(newest: int) -> None:
