@@ -20,14 +20,14 @@ GIL_SWITCH_S = 0.0005  # how long a thread may keep the GIL while another waits 
 # The views, in sidebar order: (file in views/, title, icon). A new view is one more line.
 PAGES = [
     ("attention.py", "Attention", ":material/visibility:"),
-    ("train.py", "Train", ":material/model_training:"),
+    ("training.py", "Train", ":material/model_training:"),
     ("trick.py", "The trick", ":material/functions:"),
     ("activations.py", "Activations", ":material/bolt:"),
-    ("experiments.py", "Experiments", ":material/science:"),
+    ("knockouts.py", "Experiments", ":material/science:"),
     ("patching.py", "Patching", ":material/compare_arrows:"),
     ("compare.py", "Compare", ":material/difference:"),
-    ("sample.py", "Sample", ":material/edit_note:"),
-    ("data.py", "Data", ":material/table_rows:"),
+    ("sampling.py", "Sample", ":material/edit_note:"),
+    ("dataset.py", "Data", ":material/table_rows:"),
     ("export.py", "Export", ":material/download:"),
     ("lecture.py", "Lecture", ":material/school:"),
     ("board.py", "Board", ":material/leaderboard:"),

@@ -13,7 +13,7 @@ import torch
 
 from core.data import DATA_ENV
 from explorer.glue.sidebar import PRETRAINED_ENV
-from explorer.offpage.room import ROOM_DIR_ENV
+from explorer.offpage.classroom import ROOM_DIR_ENV
 from helpers import no_more_threads_than, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

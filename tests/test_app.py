@@ -245,7 +245,7 @@ def keys(widgets) -> list[str]:
 
 
 def test_sample_streams_then_shows_odds_and_attention(pretrained):
-    at = start("sample")
+    at = start("sampling")
     at.slider(key="sample_length").set_value(20).run()
     at.slider(key="sample_temperature").set_value(0.0).run()
     text = generate(at).code[0].value
@@ -264,7 +264,7 @@ def test_sample_streams_then_shows_odds_and_attention(pretrained):
 
 
 def test_the_lecture_window_is_an_option(pretrained):
-    at = start("sample")
+    at = start("sampling")
     at.slider(key="sample_length").set_value(60).run()  # past the window of 32: the two windows part
     at.radio(key="sample_window").set_value("lecture").run()
     text = generate(at).code[0].value
@@ -287,7 +287,7 @@ def slow_sampling(monkeypatch):
 
 
 def test_a_sample_is_written_by_a_thread_and_can_be_stopped(pretrained, slow_sampling):
-    at = start("sample")
+    at = start("sampling")
     at.slider(key="sample_length").set_value(200).run()  # 10 s at 50 ms a character
     began = time.monotonic()
     at.button(key="sample_generate").click().run()
@@ -304,7 +304,7 @@ def test_a_closed_tab_stops_its_sample(pretrained, slow_sampling):
     def sampling() -> bool:
         return any(t.name == "gpt-explorer-sample" for t in threading.enumerate())
 
-    at = start("sample")
+    at = start("sampling")
     at.button(key="sample_generate").click().run()
     assert sampling()
     caching.clear_session_resource_cache("test session id")  # what the server does when a tab closes
@@ -316,7 +316,7 @@ def test_a_sample_that_fails_shows_why_and_the_app_stays_up(pretrained, monkeypa
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(engine, "sample_next", broken)
-    at = generate(start("sample"))
+    at = generate(start("sampling"))
     assert "Sampling failed: RuntimeError: out of memory" in texts(at.error)
     at.switch_page("views/attention.py").run()
     assert not at.exception and at.get("plotly_chart")
@@ -334,7 +334,7 @@ def test_trick_versions_agree(pretrained):
 
 
 def test_data_view_shows_the_split_and_a_batch(pretrained, shakespeare):
-    at = start("data")
+    at = start("dataset")
     train, val = (int(m.value.split()[0].replace(",", "")) for m in at.metric)
     assert train + val == len(shakespeare)
     at.slider(key="data_T").set_value(5).run()
@@ -345,7 +345,7 @@ def test_data_view_shows_the_split_and_a_batch(pretrained, shakespeare):
 def test_data_view_without_the_text_says_how_to_get_it(pretrained, tmp_path, monkeypatch):
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "missing.txt"))
     st.cache_resource.clear()  # forget the corpus an earlier test loaded
-    at = start("data")
+    at = start("dataset")
     assert "Tiny Shakespeare is not available" in texts(at.error) and "missing.txt" in texts(at.error)
     st.cache_resource.clear()
 

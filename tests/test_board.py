@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 from test_room import TEXT, tiny_trainer
 
 from explorer.glue.room_glue import SEAT, TOKEN, TOKEN_ENV
-from explorer.offpage.room import ROOM_DIR_ENV, open_room
+from explorer.offpage.classroom import ROOM_DIR_ENV, open_room
 from helpers import figure, no_more_threads_than, rerun_until, wait_for
 
 APP = Path(__file__).resolve().parent.parent / "explorer" / "app.py"

@@ -142,7 +142,7 @@ def _button(page, name: str):
 
 def _open_bigram_form(page, url: str, steps: int) -> None:
     """The Train view with the bigram recipe (a lookup table: steps take microseconds) for `steps` steps."""
-    page.goto(f"{url}/train")
+    page.goto(f"{url}/training")
     page.wait_for_selector("h1")
     _wait_idle(page)
     page.locator('[data-testid="stSelectbox"]').filter(has_text="Recipe").click()

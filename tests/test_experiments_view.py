@@ -25,7 +25,7 @@ def metrics(at) -> dict[str, str]:
 
 def test_knocking_out_a_head_shows_its_cost_on_the_val_windows_the_prompt_and_a_sample(tiny):
     ckpt, x, y = tiny
-    at = start("experiments")
+    at = start("knockouts")
     shown = metrics(at)
     assert float(shown["val loss"]) == pytest.approx(E.val_loss(ckpt.model, x, y), abs=1e-4)
     without = E.val_loss(ckpt.model, x, y, E.ablate_heads(ckpt.model, [(0, 0)]))
@@ -46,7 +46,7 @@ def test_knocking_out_a_head_shows_its_cost_on_the_val_windows_the_prompt_and_a_
 
 def test_the_ranking_is_the_cores_with_a_clickable_point_per_head(tiny):
     ckpt, x, y = tiny
-    at = start("experiments")
+    at = start("knockouts")
     assert not at.get("plotly_chart")  # only on the button
     at.button(key="exp_rank").click().run()
     result = E.rank_ablations(ckpt.model, x, y)
@@ -59,7 +59,7 @@ def test_the_ranking_is_the_cores_with_a_clickable_point_per_head(tiny):
 
 def test_head_types_table_and_the_in_context_gap(tiny):
     ckpt, x, _ = tiny
-    at = start("experiments")
+    at = start("knockouts")
     table = at.dataframe[0].value
     cfg = ckpt.model.config
     assert len(table) == cfg.n_layer * cfg.n_head and list(table) == ["previous_token", "first_token", "induction"]
@@ -69,7 +69,7 @@ def test_head_types_table_and_the_in_context_gap(tiny):
 
 def test_loss_per_character_colours_every_character_and_lists_the_hardest(tiny):
     ckpt, _, _ = tiny
-    at = start("experiments")
+    at = start("knockouts")
     text = "To be, or not to be: <b>that</b> is the $question$ & *more*\n"  # <, >, / and * are not in the vocabulary
     at.text_area(key="exp_loss_text").set_value(text).run()
     ids = ckpt.tokenizer.encode(text, errors="drop")

@@ -166,7 +166,7 @@ def test_a_prompt_of_only_unknown_characters_says_so(pretrained):
     at = set_prompt(start("attention"), "🙂\u0301☃")
     at.checkbox(key="prompt_drop").check().run()
     assert not at.exception and "No character of the prompt is in the vocabulary" in texts(at.warning)
-    at.switch_page("views/sample.py").run()
+    at.switch_page("views/sampling.py").run()
     set_prompt(at, "🙂☃", key="sample_prompt")
     at.checkbox(key="sample_prompt_drop").check().run()
     assert not at.exception and "No character" in texts(at.warning)
@@ -177,7 +177,7 @@ def test_a_100k_character_prompt_is_cropped_for_attention_and_sampling(pretraine
     prompt = ("To be, or not to be: that is the question. " * 2400)[:100_000]
     at = set_prompt(start("attention"), prompt)
     assert not at.exception and "cropped to the last 32" in texts(at.info) and heat(at).shape == (32, 32)
-    at.switch_page("views/sample.py").run()
+    at.switch_page("views/sampling.py").run()
     set_prompt(at, prompt, key="sample_prompt")
     at.slider(key="sample_length").set_value(5).run()
     assert not generate(at).exception and len(at.code[0].value) == 32 + 5
@@ -200,7 +200,7 @@ def test_thousands_of_distinct_unknown_characters_get_a_short_message(pretrained
 ])
 def test_unusable_text_uploads_say_why_and_cannot_start(pretrained, monkeypatch, data, message):
     monkeypatch.setenv("GPT_EXPLORER_MAX_TEXT_MB", "1")
-    at = start("train")
+    at = start("training")
     at.radio(key="train_source").set_value("Upload a .txt file").run()
     assert at.file_uploader(key="train_upload").proto.max_upload_size_mb == 1  # the browser is told the cap too
     at.file_uploader(key="train_upload").upload("text.txt", data, "text/plain").run()
@@ -211,7 +211,7 @@ def test_unusable_text_uploads_say_why_and_cannot_start(pretrained, monkeypatch,
 @pytest.mark.parametrize("value", ["lots", "0", "inf", "1e99"])
 def test_an_unusable_server_cap_is_named_and_the_default_used(pretrained, monkeypatch, value):
     monkeypatch.setenv("GPT_EXPLORER_MAX_ITERS", value)
-    at = start("train")
+    at = start("training")
     assert not at.exception
     assert f"GPT_EXPLORER_MAX_ITERS={value!r} is not a whole number" in texts(at.warning)
     assert at.number_input(key="train_max_iters").proto.max == 5000
@@ -369,7 +369,7 @@ def open_session(session: str, **form) -> AppTest:
     for key, value in {**FORM, **form}.items():
         at.session_state[key] = value
     with as_session(session):
-        at.switch_page("views/train.py").run()
+        at.switch_page("views/training.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 

@@ -1,4 +1,4 @@
-"""The room's database and files (explorer/offpage/room.py), without Streamlit: names, the board,
+"""The room's database and files (explorer/offpage/classroom.py), without Streamlit: names, the board,
 concurrent writers, checkpoints with the server's own val loss, the disk cap, recovery after a
 restart, the watcher on the runner interface, caps and the export."""
 
@@ -14,8 +14,18 @@ import torch
 from core.checkpoint import load_checkpoint, resume_trainer
 from core.data import Corpus
 from core.trainer import TrainConfig, Trainer
+from explorer.offpage.classroom import (
+    MAX_MB_ENV,
+    OWN_TEXT,
+    SHAKESPEARE,
+    EvalReporter,
+    Room,
+    RoomError,
+    RoomWatcher,
+    clean_name,
+    fixed_val_loss,
+)
 from explorer.offpage.recipes import read_limits
-from explorer.offpage.room import MAX_MB_ENV, OWN_TEXT, SHAKESPEARE, EvalReporter, Room, RoomError, RoomWatcher, clean_name, fixed_val_loss
 from explorer.offpage.training_run import Progress
 from helpers import tiny_config, wait_for
 

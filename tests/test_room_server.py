@@ -17,7 +17,7 @@ from core.data import Corpus
 from core.trainer import TrainConfig, Trainer
 from explorer.glue.room_glue import TOKEN_ENV
 from explorer.glue.sidebar import PRETRAINED_ENV
-from explorer.offpage.room import ROOM_DIR_ENV, Room
+from explorer.offpage.classroom import ROOM_DIR_ENV, Room
 from helpers import tiny_config
 
 SECRET = "workshop-token"

@@ -26,7 +26,7 @@ def open_train(session: str = "test session id", **settings) -> AppTest:
     at = AppTest.from_file(str(APP), default_timeout=60)
     with as_session(session):
         at.run()
-        at.switch_page("views/train.py").run()
+        at.switch_page("views/training.py").run()
         at.radio(key="train_source").set_value("Paste text").run()
         at.text_area(key="train_paste").set_value(TEXT).run()
         for name, value in {**TINY, **settings}.items():
@@ -219,7 +219,7 @@ def test_the_heads_induction_and_in_context_scores_are_drawn_over_training():
 def test_the_induction_recipe_picks_its_text_and_another_recipe_gives_it_back():
     at = AppTest.from_file(str(APP), default_timeout=60)
     at.run()
-    at.switch_page("views/train.py").run()
+    at.switch_page("views/training.py").run()
     at.selectbox(key="train_recipe").set_value("Induction heads (a few minutes)").run()
     assert at.radio(key="train_source").value == "Tiny Shakespeare, every line twice"
     assert at.number_input(key="train_n_layer").value == 2 and at.number_input(key="train_block_size").value == 128

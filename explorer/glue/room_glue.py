@@ -21,8 +21,8 @@ from core.tokenizer import CharTokenizer
 from explorer.glue.session import session_threads
 from explorer.glue.train_setup import shakespeare_corpus, training_slots
 from explorer.glue.widgets import PROMPT, escape_markdown
+from explorer.offpage.classroom import MAX_NAME, OWN_TEXT, Entry, EvalReporter, Participant, Room, RoomError, open_room, room_dir, watcher
 from explorer.offpage.recipes import Settings, probe_ids
-from explorer.offpage.room import MAX_NAME, OWN_TEXT, Entry, EvalReporter, Participant, Room, RoomError, open_room, room_dir, watcher
 from explorer.offpage.training_run import TrainingRunner
 
 TOKEN_ENV = "GPT_EXPLORER_TEACHER_TOKEN"
@@ -35,7 +35,7 @@ ROOM_MODELS = "room_models"  # picker label -> training id, the room's models th
 TOKEN = "teacher_token"  # what this session typed as the teacher's token
 DISMISSED = "room_dismissed_push"
 GO = "room_go"  # a view to switch to at the start of the next run (a callback cannot switch)
-PUSH_VIEWS = {"Attention": "views/attention.py", "Activations": "views/activations.py", "Sample": "views/sample.py"}
+PUSH_VIEWS = {"Attention": "views/attention.py", "Activations": "views/activations.py", "Sample": "views/sampling.py"}
 
 
 @st.cache_resource(show_spinner=False)

@@ -1,5 +1,5 @@
 """Board: every training in the room, live, as a leaderboard. The val loss is the server's own,
-measured on the same windows for every model of a text (explorer/offpage/room.py); a row opens
+measured on the same windows for every model of a text (explorer/offpage/classroom.py); a row opens
 that model in every other view."""
 
 import pandas as pd
@@ -9,7 +9,7 @@ from core.checkpoint import CheckpointError
 from explorer.glue import room_glue, widgets
 from explorer.glue.widgets import escape_markdown
 from explorer.offpage import figures
-from explorer.offpage.room import SHAKESPEARE, Entry, RoomError
+from explorer.offpage.classroom import SHAKESPEARE, Entry, RoomError
 
 K = "board_"
 OWN = "background-color: #fff3b0"  # the viewer's own rows
@@ -99,7 +99,7 @@ def resume(training: int) -> None:
     except (RoomError, CheckpointError, OSError) as e:
         st.session_state[RESUME_ERROR] = f"Cannot resume: {escape_markdown(str(e))}"
         return
-    st.session_state[room_glue.GO] = "views/train.py"  # where it trains, at the start of the next run
+    st.session_state[room_glue.GO] = "views/training.py"  # where it trains, at the start of the next run
 
 
 board_view()

@@ -11,8 +11,8 @@ from explorer.glue import room_glue
 from explorer.glue.room_glue import TOKEN, TOKEN_ENV, is_teacher
 from explorer.glue.sidebar import pretrained_paths
 from explorer.glue.widgets import escape_markdown
+from explorer.offpage.classroom import CAPS, RoomError
 from explorer.offpage.recipes import MAX_CAP
-from explorer.offpage.room import CAPS, RoomError
 
 K = "teacher_"
 TYPED = K + "typed"

@@ -5,7 +5,7 @@ import inspect
 import streamlit as st
 import torch
 
-from core.trick import toy_input, version1_loops, version2_weights, version3_weights, version4_head
+from core.averages import toy_input, version1_loops, version2_weights, version3_weights, version4_head
 from explorer.glue import widgets
 from explorer.offpage import figures
 

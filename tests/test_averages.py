@@ -1,8 +1,8 @@
-"""The lecture's worked examples in core.trick: the trick's four versions, get_batch's pairs."""
+"""The lecture's worked examples in core.averages: the trick's four versions, get_batch's pairs."""
 
 import torch
 
-from core.trick import (
+from core.averages import (
     context_target_pairs,
     toy_input,
     version1_loops,

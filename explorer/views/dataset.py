@@ -7,8 +7,8 @@ import streamlit as st
 import torch
 
 from core import CharTokenizer, visible
+from core.averages import context_target_pairs
 from core.data import Corpus, DataError, load_shakespeare
-from core.trick import context_target_pairs
 from explorer.glue import sidebar
 
 

@@ -1,7 +1,7 @@
 """The room's Board with 200 trainings: the board's queries and its figure, and the whole Board
 view's script run through AppTest (as a participant's poll runs it). Goal: <= 0.5 s a run.
 
-    python -m benchmarks.board            # ~1 min
+    python -m benchmarks.board_speed            # ~1 min
 """
 
 import os
@@ -12,7 +12,7 @@ import numpy as np
 
 from benchmarks.common import goal, interleave, machine, median, parse_args, report, verdict
 from explorer.offpage import figures
-from explorer.offpage.room import ROOM_DIR_ENV, Room
+from explorer.offpage.classroom import ROOM_DIR_ENV, Room
 
 TRAININGS, EVALS = 200, 50  # a large room: 200 trainings evaluated every 100 of 5,000 steps
 APP = Path(__file__).resolve().parent.parent / "explorer" / "app.py"

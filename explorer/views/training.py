@@ -17,8 +17,8 @@ from explorer.glue import room_glue, widgets
 from explorer.glue.session import SessionThreads, session_threads
 from explorer.glue.train_setup import new_runner, shakespeare_twice, step_ms, training_slots
 from explorer.offpage import figures
+from explorer.offpage.classroom import RoomError
 from explorer.offpage.recipes import RECIPE_TEXTS, RECIPES, TWICE, Settings, count_params
-from explorer.offpage.room import RoomError
 from explorer.offpage.training_run import INDUCTION_AT, Progress, Runner, TrainingSlots
 
 SOURCES = ("Tiny Shakespeare", "Upload a .txt file", "Paste text", TWICE)

@@ -4,11 +4,11 @@
   heads batched) against a full forward pass per knock-out; both must agree;
 - the Train view's per-snapshot probe (induction_scores + icl_gap) and one patching map.
 
-    python -m benchmarks.experiments [--quick]
+    python -m benchmarks.ablation_speed [--quick]
 
 The goal (ranking <= 10 s on 2 cores) is set for an AVX2 machine; to run as one on a newer
 CPU, limit torch's kernels before it starts:
-    ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.experiments
+    ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.ablation_speed
 """
 
 import time
