@@ -8,6 +8,7 @@ Then nanoGPT's recipe on the project's trainer in float32 and in bfloat16: the s
     python -m benchmarks.time_to_quality [--quick]
 """
 
+import sys
 import time
 
 import torch
@@ -16,15 +17,16 @@ from benchmarks import common
 from benchmarks.reference import NanoGPT, NanoRecipe, RefConfig, nanogpt_train
 from core.data import Corpus
 from core.train import build_parser, model_config, train_config
-from core.trainer import TrainConfig, Trainer
+from core.trainer import TrainConfig, Trainer, _fast_bf16
 
 TARGET_LOSS = 1.88
-TARGET_TIME = 0.8  # at most this fraction of the reference's wall time
+TARGET_TIME = 0.5  # at most this fraction of the reference's wall time
 SHAPE = "--preset layernorm --n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --dropout 0 --no-bias --activation gelu"
-# nanoGPT's recipe and the project's, as options of `python -m core.train`. The project's takes
-# 40% fewer steps of a third more sequences at twice the learning rate.
+# nanoGPT's recipe and the project's, as options of `python -m core.train`. The project's:
+# Muon for the blocks' matrices buys as much loss in a quarter of nanoGPT's steps.
 NANOGPT_RECIPE = "--batch-size 12 --max-iters 2000 --lr 1e-3 --min-lr 1e-4 --warmup-iters 100 --eval-interval 250 --eval-iters 20"
-RECIPE = "--batch-size 16 --max-iters 1200 --lr 2e-3 --min-lr 2e-4 --warmup-iters 100 --eval-interval 250 --eval-iters 20"
+RECIPE = ("--batch-size 16 --max-iters 500 --lr 2e-3 --min-lr 2e-4 --warmup-iters 100 --eval-interval 250 --eval-iters 20 "
+          "--optimizer muon --muon-lr 0.02")
 
 
 @torch.no_grad()
@@ -50,6 +52,10 @@ def scaled(options: str, fraction: float) -> str:
     return " ".join(words)
 
 
+def progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def run_reference(corpus: Corpus, fraction: float, settle: float) -> dict:
     recipe = NanoRecipe()
     recipe.max_iters = recipe.lr_decay_iters = int(recipe.max_iters * fraction)
@@ -70,7 +76,7 @@ def run_project(text_corpus: Corpus, options: str, settle: float) -> dict:
     with common.Busy() as busy:
         trainer = Trainer(model_config(args, text_corpus.tokenizer.vocab_size), train_config(args, TrainConfig()),
                           text_corpus)
-        trainer.train()
+        trainer.train(on_eval=lambda losses: progress(f"  step {trainer.record.iters}: val {losses['val']:.4f}"))
     evals = [(row["iter"], round(row["val_loss"], 4)) for row in trainer.history if "val_loss" in row]
     return dict(cli=f"python -m core.train {SHAPE} {options}", bf16=trainer.bf16, wall_s=busy.wall,
                 own_val_loss=trainer.record.val_loss, val_loss=val_loss(trainer.model, text_corpus),
@@ -82,11 +88,16 @@ def main() -> None:
     fraction = 0.1 if args.quick else 1.0
     corpus = Corpus(common.shakespeare(), 64)
     t0 = time.perf_counter()
+    progress("nanoGPT's recipe, its loop ...")
     reference = run_reference(corpus, fraction, args.settle)
+    progress(f"  {reference['wall_s']:.1f} s, val {reference['val_loss']:.4f}; the project's recipe ...")
     ours = run_project(corpus, scaled(RECIPE, fraction), args.settle)
-    # Is bfloat16 as good as float32? nanoGPT's recipe on the project's trainer, once in each.
+    progress(f"  {ours['wall_s']:.1f} s, val {ours['val_loss']:.4f}; nanoGPT's recipe on the trainer ...")
+    # Is bfloat16 as good as float32? nanoGPT's recipe on the project's trainer, once in each
+    # (bfloat16 only where the CPU has it: elsewhere it is emulated, and never used).
+    precisions = ("float32", "bfloat16") if _fast_bf16(torch.device("cpu")) else ("float32",)
     precision = {p: run_project(corpus, scaled(f"{NANOGPT_RECIPE} --precision {p}", fraction), args.settle)
-                 for p in ("float32", "bfloat16")}
+                 for p in precisions}
     ratio = ours["wall_s"] / reference["wall_s"]
     judged = not args.quick
     goals = {"val_loss": common.goal(ours["val_loss"], TARGET_LOSS, False, judged),

@@ -30,7 +30,7 @@ from .checkpoint import CheckpointError, foreign_file, load_checkpoint, paths, r
 from .data import Corpus, DataError, load_shakespeare, text_from_bytes
 from .model import PRESETS, GPTConfig
 from .tokenizer import CharTokenizer, UnknownCharactersError
-from .trainer import PRECISIONS, TrainConfig, Trainer
+from .trainer import OPTIMIZERS, PRECISIONS, TrainConfig, Trainer
 
 SAVE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_PRESET = "layernorm"
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {defaults.learning_rate})")
     t.add_argument("--min-lr", type=float, default=None, help=f"learning rate at the end of the cosine decay (default: {defaults.min_lr})")
     t.add_argument("--warmup-iters", type=int, default=None, help=f"linear warmup steps (default: {defaults.warmup_iters})")
+    t.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
+                   help=f"muon: Muon for the blocks' weight matrices, AdamW for the rest (default: {defaults.optimizer})")
+    t.add_argument("--muon-lr", type=float, default=None, help=f"Muon's peak learning rate (default: {defaults.muon_lr})")
     t.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default: {defaults.weight_decay})")
     t.add_argument("--grad-clip", type=float, default=None,
                    help=f"clip the gradient norm to this; 0 is off (default: {defaults.grad_clip})")
@@ -129,7 +132,8 @@ def check_out(args) -> None:
 TRAIN_OPTIONS = {"batch_size": "batch_size", "grad_accum_steps": "grad_accum_steps", "max_iters": "max_iters",
                  "lr": "learning_rate", "min_lr": "min_lr", "warmup_iters": "warmup_iters",
                  "weight_decay": "weight_decay", "grad_clip": "grad_clip", "eval_interval": "eval_interval",
-                 "eval_iters": "eval_iters", "seed": "seed", "precision": "precision"}
+                 "eval_iters": "eval_iters", "seed": "seed", "precision": "precision",
+                 "optimizer": "optimizer", "muon_lr": "muon_lr"}
 
 
 def train_config(args, base: TrainConfig) -> TrainConfig:

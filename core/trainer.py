@@ -26,6 +26,7 @@ from .model import GPT, GPTConfig
 from .tokenizer import CharTokenizer
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -48,6 +49,10 @@ class TrainConfig:
     # "bfloat16": matmuls in bfloat16 under torch.autocast (weights and optimizer state stay
     # float32); "auto": bfloat16 where the hardware has bfloat16 matmuls, else "float32".
     precision: str = "auto"
+    # "muon": Muon for the blocks' weight matrices (at muon_lr), AdamW for the rest, as
+    # modded-nanogpt and nanochat do; both follow the one schedule.
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters"):
@@ -66,6 +71,10 @@ class TrainConfig:
             raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not (self.muon_lr > 0 and math.isfinite(self.muon_lr)):
+            raise ValueError(f"muon_lr must be a positive number, got {self.muon_lr!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,7 +193,7 @@ class Trainer:
         (still on the device)."""
         cfg = self.train_config
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["base_lr"] * lr / cfg.learning_rate
         self.optimizer.zero_grad(set_to_none=True)
         model = self.ddp if self.ddp is not None else self.model
         total = torch.zeros((), device=self.device)
@@ -313,7 +322,7 @@ class Trainer:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set the state that state_tensors() saved. Every tensor is checked first (ValueError):
         a moment of the wrong size made the fused AdamW step crash the process."""
-        _check_state(tensors, dict(self.model.named_parameters()), self.batch_rng.get_state())
+        _check_state(tensors, dict(self.model.named_parameters()), self.batch_rng.get_state(), self.optimizer.keys)
         if self.world_size == 1:
             self.batch_rng.set_state(tensors["rng.batch"])
         else:  # only rank 0's sampler was saved: each rank starts a stream of its own instead
@@ -322,7 +331,7 @@ class Trainer:
         for name, value in tensors.items():
             if name.startswith("optim."):
                 pname, key = name[len("optim."):].rsplit(".", 1)
-                self.optimizer.state[params[pname]][key] = value.to(self.device)
+                self.optimizer.state_of(params[pname])[key] = value.to(self.device)
 
 
 def divergence_limit(vocab_size: int) -> float:
@@ -334,10 +343,14 @@ def divergence_limit(vocab_size: int) -> float:
     return 3 * math.log(vocab_size) + 1
 
 
-OPTIMIZER_KEYS = ("step", "exp_avg", "exp_avg_sq")  # what AdamW keeps for each parameter
+# What each optimizer keeps for a parameter; the moments that may be negative.
+OPTIMIZER_KEYS = {"AdamW": ("step", "exp_avg", "exp_avg_sq"), "Muon": ("momentum_buffer",)}
+SIGNED_KEYS = ("exp_avg", "momentum_buffer")
 
 
-def _check_state(tensors: dict, params: dict[str, torch.Tensor], rng_state: torch.Tensor) -> None:
+def _check_state(tensors: dict, params: dict[str, torch.Tensor], rng_state: torch.Tensor,
+                 keys: dict[torch.Tensor, tuple[str, ...]]) -> None:
+    """keys: the state each parameter's optimizer keeps (Optimizers.keys)."""
     rng = tensors.get("rng.batch")
     if not (isinstance(rng, torch.Tensor) and rng.dtype == rng_state.dtype and rng.shape == rng_state.shape):
         raise ValueError(f"rng.batch must hold the batch sampler's state ({rng_state.numel():,} bytes)")
@@ -350,17 +363,18 @@ def _check_state(tensors: dict, params: dict[str, torch.Tensor], rng_state: torc
         if name == "rng.batch":
             continue
         pname, _, key = name.removeprefix("optim.").rpartition(".")
-        if not name.startswith("optim.") or pname not in params or key not in OPTIMIZER_KEYS:
+        if not name.startswith("optim.") or pname not in params or key not in keys[params[pname]]:
             raise ValueError(f"{name} is not optimizer state of this model")
         want = () if key == "step" else tuple(params[pname].shape)
         if value.dtype != torch.float32 or tuple(value.shape) != want:
             raise ValueError(f"{name} must be float32 of shape {want}, got {value.dtype} of shape {tuple(value.shape)}")
-        if not bool(torch.isfinite(value).all()) or (key != "exp_avg" and bool((value < 0).any())):
-            raise ValueError(f"{name} holds {'NaN or infinite' if key == 'exp_avg' else 'NaN, infinite or negative'} values")
+        signed = key in SIGNED_KEYS
+        if not bool(torch.isfinite(value).all()) or (not signed and bool((value < 0).any())):
+            raise ValueError(f"{name} holds {'NaN or infinite' if signed else 'NaN, infinite or negative'} values")
         kept.setdefault(pname, set()).add(key)
-    partial = next((p for p, keys in kept.items() if len(keys) < len(OPTIMIZER_KEYS)), None)
+    partial = next((p for p, got in kept.items() if len(got) < len(keys[params[p]])), None)
     if partial is not None:
-        raise ValueError(f"the optimizer state of {partial} lacks {sorted(set(OPTIMIZER_KEYS) - kept[partial])}")
+        raise ValueError(f"the optimizer state of {partial} lacks {sorted(set(keys[params[partial]]) - kept[partial])}")
 
 
 def _step_seed(seed: int, it: int) -> int:
@@ -386,13 +400,87 @@ def _pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan): SGD with Nesterov momentum whose update of each weight matrix is
+    orthogonalized by a quintic Newton-Schulz iteration. torch.optim.Muon runs that iteration in
+    bfloat16, which a CPU without bfloat16 instructions emulates very slowly; this one runs it in
+    the weights' dtype. Same state as torch's: a momentum_buffer per matrix."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.95, ns_steps: int = 5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(p.grad)
+                update = _orthogonalize(p.grad.add(buf, alpha=group["momentum"]), group["ns_steps"])
+                # Keller's scale: a tall matrix's orthogonal update has the RMS of a square one's.
+                p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+
+
+def _orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to g, roughly (torch.optim.Muon's coefficients)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.T if g.size(0) > g.size(1) else g  # the Gram matrix of the short side is the cheaper
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if g.size(0) > g.size(1) else x
+
+
+class Optimizers:
+    """Several optimizers, each over its own parameters, stepped as one. Every group keeps its
+    peak learning rate as base_lr; the trainer scales them all by the schedule."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = [o for o in optimizers if o.param_groups]
+        for group in self.param_groups:
+            group["base_lr"] = group["lr"]
+        self._owner = {p: o for o in self.optimizers for g in o.param_groups for p in g["params"]}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    def state_of(self, param: torch.Tensor) -> dict:
+        return self._owner[param].state[param]
+
+    @property
+    def keys(self) -> dict[torch.Tensor, tuple[str, ...]]:
+        return {p: OPTIMIZER_KEYS[type(o).__name__] for p, o in self._owner.items()}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+
+def _make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimizers:
     # nanoGPT's rule: decay the weight matrices and embeddings, not biases or LayerNorm gains.
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # Muon orthogonalizes the update of a hidden weight matrix; embeddings and lm_head are not
+    # hidden layers and stay with AdamW (Keller Jordan's Muon notes).
+    muon = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")]
+    rest = [p for _, p in named if not any(p is q for q in muon)]
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
+                              betas=(cfg.beta1, cfg.beta2), fused=True)
+    return Optimizers([adamw, *([Muon(muon, lr=cfg.muon_lr)] if muon else [])])
 
 
 def time_step(model_config: GPTConfig, train_config: TrainConfig, budget_s: float = 0.5, steps: int = 5) -> float:

@@ -333,12 +333,13 @@ def trainer_for(corpus, **train) -> Trainer:
     return Trainer(config, TrainConfig(**{**settings, **train}), corpus)
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, corpus):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, corpus, optimizer):
     N = 8
-    straight = trainer_for(corpus)
+    straight = trainer_for(corpus, optimizer=optimizer)
     rows = straight.run(2 * N)
 
-    first = trainer_for(corpus)
+    first = trainer_for(corpus, optimizer=optimizer)
     first.run(N)
     save_trainer(tmp_path / "half", first)
     torch.rand(1000)  # the global generator moves on in between: it must not matter

@@ -218,6 +218,8 @@ def test_learning_rate_schedule():
     (dict(threads=0), "threads must be at least 1"),
     (dict(device="tpu"), "device must be 'cpu', 'cuda' or 'auto'"),
     (dict(precision="float16"), "precision must be one of"),
+    (dict(optimizer="sgd"), "optimizer must be one of"),
+    (dict(muon_lr=0.0), "muon_lr must be a positive number"),
 ])
 def test_train_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -228,6 +230,26 @@ def test_train_config_round_trip():
     cfg = TrainConfig(batch_size=4, learning_rate=3e-3, seed=5)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert TrainConfig.from_dict({**cfg.to_dict(), "from_the_future": 1}) == cfg  # newer keys are ignored
+
+
+def test_muon_steps_the_block_matrices_and_adamw_the_rest(tiny_corpus):
+    trainer = make(tiny_corpus, optimizer="muon", max_iters=3)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.run(1)
+    muon, adamw = trainer.optimizer.optimizers[1], trainer.optimizer.optimizers[0]
+    for name, p in trainer.model.named_parameters():
+        assert not torch.equal(before[name], p.detach()), f"{name} did not move"
+        owner = muon if p.dim() == 2 and name.startswith("blocks.") else adamw
+        assert p in owner.state, name
+    assert set(trainer.optimizer.state_of(trainer.model.blocks[0].sa.qkv.weight)) == {"momentum_buffer"}
+
+
+def test_muon_follows_the_schedule(tiny_corpus):
+    trainer = make(tiny_corpus, optimizer="muon", muon_lr=0.05, learning_rate=2e-3, warmup_iters=4)
+    trainer.run(1)
+    lrs = {type(o).__name__: o.param_groups[0]["lr"] for o in trainer.optimizer.optimizers}
+    scale = trainer.train_config.lr_at(0) / 2e-3
+    assert lrs == pytest.approx({"AdamW": 2e-3 * scale, "Muon": 0.05 * scale})
 
 
 def test_vocab_mismatch_is_refused(tiny_corpus):
