@@ -16,10 +16,11 @@ from helpers import wait_for
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 30
 
 
-def make_runner(slots, max_iters=40, **kwargs) -> TrainingRunner:
+def make_runner(slots, max_iters=40, train=None, **kwargs) -> TrainingRunner:
     tok = CharTokenizer.from_text(TEXT)
     cfg = GPTConfig.from_preset("layernorm", vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=16, block_size=16)
-    tcfg = TrainConfig(batch_size=4, max_iters=max_iters, eval_interval=20, eval_iters=2, warmup_iters=5)
+    tcfg = TrainConfig(**{**dict(batch_size=4, max_iters=max_iters, eval_interval=20, eval_iters=2, warmup_iters=5),
+                          **(train or {})})
     trainer = Trainer(cfg, tcfg, Corpus(TEXT, cfg.block_size, tok))
     defaults = dict(probe_ids=tok.encode("To be, or not"), sample_every=20, snapshot_every=10, sample_chars=20)
     return TrainingRunner(trainer, slots, **{**defaults, **kwargs})
@@ -109,11 +110,8 @@ def test_a_failure_is_reported_and_frees_the_slot(slots, monkeypatch):
 
 
 def test_divergence_fails_with_advice(slots):
-    runner = make_runner(slots, snapshot_every=0, sample_every=0)
-    runner.trainer.train_config.learning_rate = 1e6
-    runner.trainer.train_config.min_lr = 1e6
-    runner.trainer.train_config.grad_clip = 0
-    runner.trainer.train_config.warmup_iters = 0
+    runner = make_runner(slots, snapshot_every=0, sample_every=0,
+                         train=dict(learning_rate=1e6, min_lr=1e6, grad_clip=0, warmup_iters=0))
     runner.start()
     runner.join(20)
     p = runner.snapshot()
