@@ -82,9 +82,7 @@ def test_every_view_in_a_real_browser(server):
     url, log_path = server
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = launch(p)
         # Streamlit scrolls inside its own container, so a full-page shot needs a tall viewport.
         page = browser.new_page(viewport={"width": 1400, "height": 1500})
         try:
@@ -129,7 +127,8 @@ STEP_NOW = """() => { const m = document.body.innerText.match(/step ([\\d,]+) of
     return m === null ? -1 : parseInt(m[1].replace(/,/g, '')); }"""
 
 
-def _browser(p):
+def launch(p):
+    """Debian's chromium, headless, with nothing that reaches outside this machine."""
     return p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
         "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"])
@@ -162,7 +161,7 @@ def test_start_stop_resume_to_the_end_reset_and_start_again_in_a_real_browser(se
 
     url, log_path = server
     with sync_playwright() as p:
-        browser = _browser(p)
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1500})
         try:
             _open_bigram_form(page, url, 5000)
@@ -196,7 +195,7 @@ def test_a_room_of_tabs_queues_for_the_slot_and_every_training_finishes(server):
 
     url, log_path = server
     with sync_playwright() as p:
-        browser = _browser(p)
+        browser = launch(p)
         pages = [browser.new_context().new_page() for _ in range(3)]  # a context each: three sessions
         try:
             for page in pages:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from test_browser import ARTIFACTS, CHARTS_DRAWN, CHROMIUM, IDLE, ROOT, SCREENSHOTS, UPDATE_ENV, _wait_healthy, free_port
+from test_browser import ARTIFACTS, CHARTS_DRAWN, CHROMIUM, IDLE, ROOT, SCREENSHOTS, UPDATE_ENV, _wait_healthy, free_port, launch
 
 from core.data import Corpus
 from core.trainer import TrainConfig, Trainer
@@ -68,9 +68,7 @@ def test_the_board_survives_a_server_restart(tiny_checkpoint, shakespeare, tmp_p
     room = Room(room_path)
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1500})
         try:
             with served(env, log_path) as url:
