@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .model import GPT, GPTConfig, KVCache, _check_sampling, sample_next
+from .model import GPT, GPTConfig, KVCache, _check_sampling, sample_rows
 
 WINDOWS = ("fast", "lecture")
 MAX_ROWS = 64  # rows of the shared cache: what bounds the engine's memory
@@ -86,8 +86,8 @@ class Request:
     def _fail(self, e: Exception) -> None:
         self._finish(f"{type(e).__name__}: {e}")
 
-    def _add(self, token: int, probs: torch.Tensor) -> None:
-        self.probs.append(probs.to(torch.float32).numpy())
+    def _add(self, token: int, probs: np.ndarray) -> None:
+        self.probs.append(probs)
         self.new_ids.append(token)
         self._context.append(token)
         if len(self._context) > 2 * self._block:  # only the last block is ever read again
@@ -116,28 +116,23 @@ class Decoder:
     def capacity(self) -> int:
         return 0 if self._kv is None else self._kv.lengths.shape[0]
 
-    def add(self, request: Request) -> None:
-        """Give the request the next free row and prefill its prompt there, alone."""
-        if len(self.rows) >= self.max_rows:
+    def add(self, *requests: Request) -> None:
+        """Give the requests the next free rows and prefill their prompts there (prompts of one
+        length in one forward: a room pressing Generate on the default prompt)."""
+        if len(self.rows) + len(requests) > self.max_rows:
             raise RuntimeError(f"all {self.max_rows} rows are in use")
-        self._reserve(len(self.rows) + 1)
-        request.started = time.monotonic()
-        self.rows.append(request)
-        try:
-            self._prefill(len(self.rows) - 1, request._context[:-1])
-        except Exception as e:  # this request's own forward: the others are untouched
-            request._fail(e)
+        self._reserve(len(self.rows) + len(requests))
+        first = len(self.rows)
+        for request in requests:
+            request.started = time.monotonic()
+            self.rows.append(request)
+        self._prefill({first + j: r._context[:-1] for j, r in enumerate(requests)})
 
     def step(self) -> None:
-        """One character for every active row: full windows slide (alone), then one batched
-        forward of each row's newest token, then each row samples with its own settings."""
+        """One character for every active row: full windows slide, then one batched forward of
+        each row's newest token, then each row samples with its own settings."""
         self.compact()
-        for i, r in enumerate(self.rows):
-            if r._cached == self.model.config.block_size:
-                try:
-                    self._prefill(i, r._window())
-                except Exception as e:
-                    r._fail(e)
+        self._prefill({i: r._window() for i, r in enumerate(self.rows) if r._cached == self.model.config.block_size})
         self.compact()
         if not self.rows:
             return
@@ -149,17 +144,31 @@ class Decoder:
             for r in self.rows:
                 r._fail(e)
             return
-        last = logits[:, -1, :]
-        for i, r in enumerate(self.rows):
+        for r in self.rows:
             r._cached += 1
-            if r._stopped.is_set():
-                continue
-            try:
-                token, probs = sample_next(last[i:i + 1], r.temperature, r.top_k, r.top_p, r.generator)
-                r._add(int(token), probs[0])
-            except Exception as e:
-                r._fail(e)
+        live = [i for i, r in enumerate(self.rows) if not r._stopped.is_set()]
+        if live:
+            self._sample([self.rows[i] for i in live], logits[live, -1, :])
         self.compact()
+
+    def _sample(self, rows: list[Request], logits: torch.Tensor) -> None:
+        """Each row's next character, drawn with its own settings, in one batch."""
+        try:
+            tokens, probs = sample_rows(logits, [r.temperature for r in rows], [r.top_k for r in rows],
+                                        [r.top_p for r in rows], [r.generator for r in rows])
+        except Exception as e:  # nothing tells whose row broke the batch: each row alone then
+            if len(rows) == 1:
+                rows[0]._fail(e)
+            else:
+                for i, r in enumerate(rows):
+                    self._sample([r], logits[i:i + 1])
+            return
+        finite = torch.isfinite(probs).all(dim=-1).tolist()
+        for r, token, p, ok in zip(rows, tokens, probs.to(torch.float32).numpy(), finite):
+            if ok:
+                r._add(token, p.copy())
+            else:
+                r._finish("the model's probabilities are not finite (nan or inf): its weights may be broken")
 
     def compact(self) -> None:
         """Drop finished and stopped rows; the last row moves into each gap."""
@@ -182,12 +191,37 @@ class Decoder:
             r._fail(e)
         self.rows.clear()
 
-    def _prefill(self, i: int, ids: list[int]) -> None:
-        kv = self._kv
-        kv.lengths[i] = 0
-        self.rows[i]._cached = len(ids)
-        if ids:
-            self.model(torch.tensor([ids], device=self.device), kv=kv.rows(i, i + 1))
+    def _prefill(self, windows: dict[int, list[int]]) -> None:
+        """Fill each row i with windows[i] from its start: one forward for the rows whose windows
+        have one length. A failed forward is retried row by row, so it fails only its own."""
+        by_length: dict[int, list[int]] = {}
+        for i, ids in windows.items():
+            by_length.setdefault(len(ids), []).append(i)
+        for rows in by_length.values():
+            try:
+                self._fill(rows, [windows[i] for i in rows])
+            except Exception as e:
+                if len(rows) == 1:
+                    self.rows[rows[0]]._fail(e)
+                else:
+                    for i in rows:
+                        self._prefill({i: windows[i]})
+
+    def _fill(self, rows: list[int], windows: list[list[int]]) -> None:
+        kv, T = self._kv, len(windows[0])
+        for i in rows:
+            kv.lengths[i] = 0
+            self.rows[i]._cached = T
+        if T == 0:
+            return
+        idx = torch.tensor(windows, device=self.device)
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            self.model(idx, kv=kv.rows(rows[0], rows[0] + len(rows)))
+            return
+        scratch = KVCache(self.model, len(rows), positions=T)  # rows apart: filled together, then copied in
+        self.model(idx, kv=scratch)
+        kv.k[:, rows, :, :T], kv.v[:, rows, :, :T] = scratch.k, scratch.v
+        kv.lengths[rows] = T
 
     def _move(self, src: int, dst: int) -> None:
         n = self.rows[src]._cached
@@ -290,8 +324,8 @@ class Engine:
             if not decoder.rows and not admitted:
                 self._thread = self._decoder = None
                 return False
-        for request in admitted:
-            decoder.add(request)
+        if admitted:
+            decoder.add(*admitted)
         return True
 
 

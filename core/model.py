@@ -190,14 +190,13 @@ class CausalSelfAttention(nn.Module):
     def _cached(self, q, k, v, kv: "LayerKV") -> torch.Tensor:
         """Sampling: the new positions' keys and values join the cache, and the new queries see
         every cached position of their own row up to themselves."""
-        B, _, T, _ = q.shape
-        pos = kv.lengths[:, None] + torch.arange(T, device=q.device)  # (B, T): where each new position goes
-        rows = torch.arange(B, device=q.device)[:, None].expand(B, T)
-        kv.k[rows, :, pos] = k.transpose(1, 2).detach()  # (B, T, nh, hs) into (B, nh, block, hs); no grad for sampling
-        kv.v[rows, :, pos] = v.transpose(1, 2).detach()
-        end = int(pos.max()) + 1
-        mask = torch.arange(end, device=q.device) <= pos[..., None]  # (B, T, end): keys up to each query
-        return _attention(q, kv.k[:, :, :end], kv.v[:, :, :end], attn_mask=mask[:, None])
+        step = kv.step
+        if isinstance(step.write, slice):  # one row: a plain copy
+            kv.k[:, :, step.write], kv.v[:, :, step.write] = k.detach(), v.detach()  # no grad for sampling
+        else:
+            kv.k.scatter_(2, step.write, k.detach())
+            kv.v.scatter_(2, step.write, v.detach())
+        return _attention(q, kv.k[:, :, :step.end], kv.v[:, :, :step.end], attn_mask=step.mask, is_causal=step.causal)
 
 
 class FeedForward(nn.Module):
@@ -293,8 +292,6 @@ class GPT(nn.Module):
         kv: keys and values of earlier positions (sampling); idx then holds only the new ones.
         """
         B, T = idx.shape
-        if kv is not None and int(kv.lengths.max()) + T > self.config.block_size:
-            raise ValueError(f"sequence length {int(kv.lengths.max()) + T} exceeds block_size {self.config.block_size}")
         if self.config.block_size < T:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         hooks = Hooks(cache, edits) if cache is not None or edits else NO_HOOKS
@@ -303,7 +300,7 @@ class GPT(nn.Module):
         if not self.config.attention:
             logits = self.token_embedding_table(idx)  # (B, T, vocab)
         else:
-            pos = torch.arange(T, device=idx.device) + (kv.lengths[:, None] if kv is not None else 0)  # (T) or (B, T)
+            pos = kv.begin(T).positions if kv is not None else torch.arange(T, device=idx.device)  # (B, T) or (T)
             tok_emb = hooks("hook_embed", self.token_embedding_table(idx))  # (B, T, C)
             pos_emb = hooks("hook_pos_embed", self.position_embedding_table(pos).expand(B, T, -1))
             logits = self._blocks_from(0, tok_emb + pos_emb, hooks, kv)
@@ -388,27 +385,65 @@ class GPT(nn.Module):
 
 
 @dataclass
+class KVStep:
+    """Where one forward's T new positions go and which keys their queries see: the same in
+    every layer, so worked out once a forward."""
+    positions: torch.Tensor  # (B, T)
+    end: int  # keys 0..end-1 are read
+    write: slice | torch.Tensor  # the positions (one row), or a scatter index (B, nh, T, hs)
+    mask: torch.Tensor | None  # (B, 1, T, end): the keys up to each query, where rows differ
+    causal: bool  # one row from an empty cache: the lecture's triangle, no mask needed
+
+
+@dataclass
 class LayerKV:
-    """One layer's keys and values: (B, nh, block_size, hs) buffers, and each row's length (B,)."""
+    """One layer's keys and values: (B, nh, block_size, hs) buffers; `step` is the cache's."""
     k: torch.Tensor
     v: torch.Tensor
-    lengths: torch.Tensor
+    cache: "KVCache"
+
+    @property
+    def step(self) -> KVStep:
+        return self.cache.step
 
 
 class KVCache:
-    """Keys and values of every layer for `batch` rows of up to block_size positions, allocated
-    once; `lengths[b]` positions of row b are filled. The model's forward writes the new
+    """Keys and values of every layer for `batch` rows of up to block_size positions (or fewer
+    `positions`), allocated once; `lengths[b]` positions of row b are filled. The model's forward writes the new
     positions and advances the lengths."""
 
-    def __init__(self, model: GPT, batch: int):
+    def __init__(self, model: GPT, batch: int, positions: int | None = None):
         c = model.config
         param = next(model.parameters())
-        k = torch.zeros((c.n_layer, batch, c.n_head, c.block_size, c.head_size), device=param.device, dtype=param.dtype)
+        shape = (c.n_layer, batch, c.n_head, positions or c.block_size, c.head_size)
+        k = torch.zeros(shape, device=param.device, dtype=param.dtype)
         self._hold(k, torch.zeros_like(k), torch.zeros(batch, dtype=torch.long, device=param.device))
 
     def _hold(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
         self.k, self.v, self.lengths = k, v, lengths  # k, v: (n_layer, B, nh, block_size, hs)
-        self.layers = [LayerKV(k[i], v[i], lengths) for i in range(k.shape[0])]
+        self.layers = [LayerKV(k[i], v[i], self) for i in range(k.shape[0])]
+        self.step: KVStep | None = None
+
+    def begin(self, T: int) -> KVStep:
+        """The step of a forward of T new positions in every row (GPT.forward advances `lengths`)."""
+        _, B, nh, block, hs = self.k.shape
+        if B == 1:  # one row (a prompt, one stream): no index tensors, and a mask only mid-row
+            start = int(self.lengths[0])
+            end = start + T
+            positions = torch.arange(start, end, device=self.k.device)[None]
+            write = slice(start, end)
+        else:
+            positions = self.lengths[:, None] + torch.arange(T, device=self.k.device)
+            end = int(positions.max()) + 1
+            write = positions[:, None, :, None].expand(B, nh, T, hs)
+        if end > block:
+            raise ValueError(f"sequence length {end} exceeds block_size {block}")
+        causal = B == 1 and T > 1 and end == T
+        mask = None
+        if not causal and not (B == 1 and T == 1):
+            mask = (torch.arange(end, device=self.k.device) <= positions[..., None])[:, None]
+        self.step = KVStep(positions, end, write, mask, causal)
+        return self.step
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """Rows start..stop as a cache of their own that shares this one's memory: a forward on
@@ -434,8 +469,32 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     if temperature < GREEDY_BELOW:
         probs = F.softmax(logits, dim=-1)
         return probs.argmax(dim=-1, keepdim=True), probs
-    probs = F.softmax(_filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    B, V = logits.shape
+    ks = torch.full((B,), top_k) if top_k is not None and top_k < V else None
+    ps = torch.full((B,), top_p, dtype=torch.float64) if top_p is not None and top_p < 1.0 else None
+    probs = F.softmax(_filter_logits(logits / temperature, ks, ps), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator), probs
+
+
+def sample_rows(logits: torch.Tensor, temperature: list[float], top_k: list[int | None], top_p: list[float | None],
+                generators: list[torch.Generator]) -> tuple[list[int], torch.Tensor]:
+    """sample_next for rows that each have settings and a generator of their own (the requests
+    of the sampling engine), in one batch: each row gets the token and distribution sample_next
+    gives it alone. Returns the tokens and the distributions (B, vocab)."""
+    B, V = logits.shape
+    greedy = [t < GREEDY_BELOW for t in temperature]  # as sample_next: no temperature, no filter
+    temps = torch.tensor([1.0 if g else t for g, t in zip(greedy, temperature)], dtype=logits.dtype)[:, None]
+    ks = [V if g or k is None else min(k, V) for g, k in zip(greedy, top_k)]
+    ps = [math.inf if g or p is None or p >= 1.0 else p for g, p in zip(greedy, top_p)]
+    probs = F.softmax(_filter_logits(logits / temps, torch.tensor(ks) if min(ks) < V else None,
+                                     torch.tensor(ps, dtype=torch.float64) if min(ps) < math.inf else None), dim=-1)
+    # torch.multinomial draws one sample as argmax(p / q) with q ~ Exp(1) from its generator:
+    # that draw, with each row's q from its own generator (a greedy row's q is 1: the argmax).
+    q = torch.ones_like(probs)
+    for row, g, is_greedy in zip(q, generators, greedy):
+        if not is_greedy:
+            row.exponential_(1, generator=g)
+    return (probs / q).argmax(dim=-1).tolist(), probs
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -458,14 +517,15 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, vocab_size):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 
-def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Set to -inf every logit outside the top k, and outside the smallest set holding top_p."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+def _filter_logits(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Set to -inf every logit of row b outside its top_k[b], and outside the smallest set
+    holding top_p[b] of the probability (top_k (B,): vocab keeps all; top_p (B,): inf keeps all)."""
+    if top_k is not None:
+        kth = torch.sort(logits, descending=True, dim=-1).values.gather(-1, top_k[:, None] - 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cumulative - F.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token already enough
+        probs = F.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p[:, None].to(probs.dtype)  # mass before this token already enough
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits

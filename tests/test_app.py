@@ -277,13 +277,13 @@ def test_the_lecture_window_is_an_option(pretrained):
 @pytest.fixture
 def slow_sampling(monkeypatch):
     """Every character takes 50 ms in the sampling engine, so a sample outlasts a script run."""
-    sample_next = engine.sample_next
+    sample_next = engine.sample_rows
 
     def slow(*args, **kwargs):
         time.sleep(0.05)
         return sample_next(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "sample_next", slow)
+    monkeypatch.setattr(engine, "sample_rows", slow)
 
 
 def test_a_sample_is_written_by_a_thread_and_can_be_stopped(pretrained, slow_sampling):
@@ -315,7 +315,7 @@ def test_a_sample_that_fails_shows_why_and_the_app_stays_up(pretrained, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(engine, "sample_next", broken)
+    monkeypatch.setattr(engine, "sample_rows", broken)
     at = generate(start("sampling"))
     assert "Sampling failed: RuntimeError: out of memory" in texts(at.error)
     at.switch_page("views/attention.py").run()

@@ -89,6 +89,27 @@ def test_requests_joining_mid_way_write_what_they_write_alone(preset):
     assert decoder.capacity == 8  # grown by doubling as rows were needed
 
 
+def test_prompts_and_windows_of_one_length_share_a_forward():
+    """Rows 0, 2, 4 (apart in the cache) and rows 1, 3 have prompts of one length: two prefill
+    forwards, not five, and their windows slide together, each row still writing its own."""
+    model = model64()
+    settings = [([1, 2, 3, 4, 5], 40, 1.0, None, None, 10, "fast"), ([6, 7, 8], 40, 0.8, 3, None, 11, "fast"),
+                ([5, 4, 3, 2, 1], 40, 1.2, None, 0.9, 12, "fast"), ([8, 8, 8], 40, 1.0, None, None, 13, "fast"),
+                ([2, 2, 3, 3, 4], 40, 0.0, None, None, 14, "fast")]
+    prefills = []
+    forward = model.forward
+    model.forward = lambda idx, **kw: (prefills.append(idx.shape) if idx.shape[1] > 1 else None) or forward(idx, **kw)
+    decoder = Decoder(model)
+    requests = [request(model, s) for s in settings]
+    with torch.no_grad():
+        decoder.add(*requests)
+    assert sorted(prefills) == [(2, 2), (3, 4)]
+    run(decoder)
+    assert len(prefills) < 2 + 5 * 3  # slides shared too (each row slides at least 3 times alone)
+    for r, s in zip(requests, settings):
+        assert r.error is None and r.new_ids == alone(model, *s), s
+
+
 def test_the_distributions_are_those_sampled_alone():
     model = model64()
     s = SETTINGS[2]
@@ -204,14 +225,14 @@ def test_a_waiting_request_that_is_stopped_leaves_the_queue_at_once():
 
 def test_an_error_in_one_request_does_not_stop_the_others(monkeypatch):
     model = model64()
-    real = engine.sample_next
+    real = engine.sample_rows
 
-    def flaky(logits, temperature, *args):
-        if temperature == 0.7:
+    def flaky(logits, temperature, *args):  # a batch holding that request fails, as does that row alone
+        if 0.7 in temperature:
             raise RuntimeError("this request's sampling broke")
         return real(logits, temperature, *args)
 
-    monkeypatch.setattr(engine, "sample_next", flaky)
+    monkeypatch.setattr(engine, "sample_rows", flaky)
     eng = Engine(model)
     broken = eng.submit([1, 2, 3], 20, temperature=0.7)
     others = [eng.submit(*s) for s in SETTINGS[:3]]
@@ -223,19 +244,29 @@ def test_an_error_in_one_request_does_not_stop_the_others(monkeypatch):
     assert later.wait(30) and later.new_ids == alone(model, *SETTINGS[0])
 
 
+def test_a_model_that_writes_nan_fails_its_requests_with_a_message():
+    model = model64()
+    with torch.no_grad():
+        model.lm_head.bias.fill_(float("nan"))
+    eng = Engine(model)
+    requests = [eng.submit(*s[:6]) for s in SETTINGS[:3]]
+    assert all(r.wait(30) for r in requests)
+    assert all(r.new_ids == [] and "not finite" in r.error for r in requests)
+
+
 def test_a_failed_prompt_fails_only_its_request(monkeypatch):
     model = model64()
-    real = Decoder._prefill
+    real = Decoder._fill
 
-    def prefill(self, i, ids):
-        if ids[:3] == [9, 9, 9]:
+    def fill(self, rows, windows):  # a forward holding that prompt fails, as does that prompt alone
+        if any(ids[:3] == [9, 9, 9] for ids in windows):
             raise RuntimeError("prefill failed")
-        real(self, i, ids)
+        real(self, rows, windows)
 
-    monkeypatch.setattr(Decoder, "_prefill", prefill)
+    monkeypatch.setattr(Decoder, "_fill", fill)
     eng = Engine(model)
     ok = eng.submit(*SETTINGS[1])
-    bad = eng.submit([9, 9, 9, 1], 10)
+    bad = eng.submit([9, 9, 9, 1, 2], 10)  # as long as ok's prompt: they may share a forward
     assert ok.wait(30) and bad.wait(30)
     assert bad.error == "RuntimeError: prefill failed" and ok.new_ids == alone(model, *SETTINGS[1])
 

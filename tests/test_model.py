@@ -241,8 +241,27 @@ def test_stream_yields_distributions_that_sum_to_one():
 def test_top_p_keeps_the_smallest_set():
     from core.model import _filter_logits
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = torch.isfinite(_filter_logits(logits, None, 0.75))
+    kept = torch.isfinite(_filter_logits(logits, None, torch.tensor([0.75])))
     assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 >= 0.75
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_sampled_together_get_what_each_gets_alone(dtype):
+    """The engine's batched draw (each row its own settings and generator) against sample_next on
+    that row alone: the same token and the same distribution, bit for bit."""
+    from core.model import sample_next, sample_rows
+    settings = [(1.0, None, None), (0.0, 5, 0.5), (0.8, 5, None), (1.3, None, 0.9), (0.7, 3, 0.8), (1e-7, None, None),
+                (2.0, 65, 1.0), (0.5, 1, None)] * 4
+    logits = 3 * torch.randn(len(settings), 65, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    for step in range(5):
+        alone = [sample_next(logits[i:i + 1], t, k, p, torch.Generator().manual_seed(100 * step + i))
+                 for i, (t, k, p) in enumerate(settings)]
+        tokens, probs = sample_rows(logits, *map(list, zip(*settings)),
+                                    [torch.Generator().manual_seed(100 * step + i) for i in range(len(settings))])
+        assert tokens == [int(tok) for tok, _ in alone]
+        assert torch.equal(probs, torch.cat([p for _, p in alone]))
+        logits = logits.roll(1, dims=0)
+    assert len(set(tokens)) > 5  # the draws differ from row to row: the test can tell rows apart
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(temperature=float("nan")), dict(top_k=0),
