@@ -93,6 +93,9 @@ def test_leaving_the_queue(slots):
     first.stop()
     first.join(10)
     assert slots.running == 0
+    second.start()  # Resume after leaving the queue: the stop was the queue's, not the training's
+    assert wait_for(lambda: not second.alive)
+    assert second.snapshot().status == "finished" and second.snapshot().iters == 40
 
 
 def test_a_failure_is_reported_and_frees_the_slot(slots, monkeypatch):
@@ -204,3 +207,25 @@ def test_the_induction_step_is_the_first_score_over_the_threshold():
     rows = [dict(iter=it, induction=np.array([[0.0, score]])) for it, score in ((0, 0.01), (50, 0.35), (100, 0.2))]
     assert Progress(head_scores=rows).induction_step(0.3) == 50
     assert Progress(head_scores=rows).induction_step(0.5) is None
+
+
+def test_a_stop_on_a_sample_step_is_not_looked_at_twice(slots):
+    """Stopped at step 20, where a sample and a snapshot are due, then resumed: each step is
+    sampled and snapshotted once (the resumed leg does not look again where the last one ended)."""
+    runner = make_runner(slots, max_iters=40)
+    live, on_step = runner.live, runner.live._on_step
+
+    def stop_at_20(rows):
+        on_step(rows)
+        if runner.trainer.record.iters == 20 and live._on_step is stop_at_20:
+            runner.trainer.request_stop()
+            live._on_step = on_step  # once
+
+    live._on_step = stop_at_20
+    live.run()
+    assert runner.snapshot().status == "stopped" and runner.trainer.record.iters == 20
+    live.run()
+    p = runner.snapshot()
+    assert p.status == "finished"
+    assert [it for it, _ in p.samples] == [0, 20, 40]
+    assert [it for it, _ in p.snapshots] == [0, 10, 20, 30, 40]

@@ -1,23 +1,28 @@
-"""Trainings on Ray workers: one actor a training, so a room trains on every core of one
-machine or of several, and a training that dies (out of memory, a crash in a native kernel)
-takes only its own worker down.
+"""Trainings on Ray workers: a warm pool of worker processes, one per CPU of the cluster, each
+training one leg at a time, so a room trains on every core of one machine or of several, and
+a training that dies (out of memory, a crash in a native kernel) takes only its own worker down.
 
 The page keeps a `RayTrainingRunner`, the same kind of object as the thread backend's
-TrainingRunner: its thread waits for a slot in the server's queue, starts a `TrainingWorker`
-actor, and mirrors the actor's progress book a few times a second (only what is new crosses
-the wire). When a leg ends (finished, stopped or failed) the weights, the optimizer state and
-the record come back as safetensors and JSON bytes, never pickled modules, and the actor is
-killed: Resume starts a new one from those bytes. Nothing here calls st.*.
+TrainingRunner: its thread waits for a slot in the server's queue, borrows a `TrainingHost`
+from the server's `HostPool` and mirrors the leg's progress book a few times a second (only
+what is new crosses the wire). Hosts are started with the server's first training and kept:
+a room's thirty trainings pay a worker's start (a process, torch, the text) once per core, not
+once each. When a leg ends (finished, stopped or failed) the weights, the optimizer state and
+the record come back as safetensors and JSON bytes, never pickled modules, and the host goes
+back to the pool: Resume borrows one again and starts from those bytes. A host that died or
+hung is killed and replaced. Nothing here calls st.*.
 
     GPT_EXPLORER_RAY_ADDRESS       join this cluster (HEAD:6379) instead of starting a local one
     GPT_EXPLORER_GPU_PER_TRAINING  share of a GPU each training asks for where the cluster has
                                    GPUs (default 0.1: ten trainings share a card)
 """
 
+import itertools
 import os
 import threading
 import time
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
 import ray
@@ -53,6 +58,7 @@ def start_ray(num_cpus: int | None = None) -> None:
     with _start_lock:
         if ray.is_initialized():
             return
+        HOSTS.clear()  # hosts of an earlier Ray instance (shut down since) are gone
         started, failure = threading.Event(), []
         threading.Thread(target=_keep_ray, args=(num_cpus, started, failure), name="gpt-explorer-ray",
                          daemon=True).start()
@@ -96,26 +102,21 @@ def gpu_per_training() -> float:
     return share if 0 < share <= 1 else DEFAULT_GPU_SHARE
 
 
+@lru_cache(maxsize=4)
 def _shakespeare(block_size: int) -> Corpus:
-    return Corpus(load_shakespeare(), block_size)  # read on the worker's machine: only the settings travel
+    return Corpus(load_shakespeare(), block_size)  # read on the worker's machine, once: only the settings travel
 
 
-class TrainingWorker:
-    """One leg of one training, in a worker process: built from the settings and the text, or
-    from the bytes of the leg before (Resume). Its methods run on a few threads (a threaded
-    actor), so progress and stop are answered while `train` runs."""
+class Leg:
+    """One leg of one training in a worker process: built from the settings and the text, or
+    from the bytes of the leg before (Resume)."""
 
     def __init__(self, settings: Settings, text: str | None, watch: dict, resume: tuple[bytes, bytes, bytes] | None,
                  iters: int):
-        os.nice(max(0, WORKER_NICE - os.nice(0)))  # Ray may have niced its workers already
-        torch.set_num_threads(1)  # one core a training: the slots count cores
         self.settings, self.text, self.watch, self.resume = settings, text, watch, resume
         self.book = ProgressBook(Progress(status="running", iters=iters, max_iters=settings.max_iters))
         self.trainer: Trainer | None = None
         self._stop = threading.Event()
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def train(self) -> tuple[bytes, bytes, bytes] | None:
         """Train to the end or a stop; the weights, the description and the optimizer state,
@@ -134,9 +135,6 @@ class TrainingWorker:
             return None
         weights, meta = checkpoint_bytes(trainer.model, trainer.corpus.tokenizer, trainer.train_config, trainer.record)
         return weights, meta, save_tensors({k: v.contiguous() for k, v in trainer.state_tensors().items()})
-
-    def progress_since(self, cursor):
-        return self.book.since(cursor)
 
     def stop(self) -> None:
         self._stop.set()
@@ -157,20 +155,103 @@ class TrainingWorker:
         return trainer
 
 
+class TrainingHost:
+    """A warm worker process that trains legs one after another (one at a time: the pool lends
+    it to one training). Its methods run on a few threads (a threaded actor), so progress and
+    stop are answered while `train` runs; a stop may even arrive before its leg does."""
+
+    def __init__(self):
+        os.nice(max(0, WORKER_NICE - os.nice(0)))  # Ray may have niced its workers already
+        torch.set_num_threads(1)  # one core a training: the slots count cores
+        self.legs: dict[int, Leg] = {}
+        self._early_stops: set[int] = set()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def train(self, leg_id: int, *leg) -> tuple[bytes, bytes, bytes] | None:
+        self.legs[leg_id] = current = Leg(*leg)
+        if leg_id in self._early_stops:
+            current.stop()
+        return current.train()
+
+    def progress_since(self, leg_id: int, cursor):
+        """The leg's news since the cursor, or None before the leg has arrived."""
+        leg = self.legs.get(leg_id)
+        return None if leg is None else leg.book.since(cursor)
+
+    def stop(self, leg_id: int) -> None:
+        if leg_id in self.legs:
+            self.legs[leg_id].stop()
+        else:
+            self._early_stops.add(leg_id)
+
+    def forget(self, leg_id: int) -> None:
+        """The leg's news has been read: its model and optimizer state may go."""
+        self.legs.pop(leg_id, None)
+        self._early_stops.discard(leg_id)
+
+
+class HostPool:
+    """The server's warm hosts, started with its first training: as many as trainings may run
+    at once. `borrow` gives a free one (or starts one); `give_back` keeps it for the next
+    training, or kills it when it died or hung (the next borrow starts a fresh one)."""
+
+    def __init__(self):
+        self._free: list = []
+        self._lock = threading.Lock()
+        self._leg_ids = itertools.count()
+
+    def warm(self, n: int) -> None:
+        """Start hosts until n exist or are free (their processes start in the background)."""
+        with self._lock:
+            while len(self._free) < n:
+                self._free.append(self._start())
+
+    def borrow(self) -> tuple[object, int]:
+        """A host and a new leg id for it."""
+        with self._lock:
+            host = self._free.pop() if self._free else self._start()
+            return host, next(self._leg_ids)
+
+    def give_back(self, host, healthy: bool) -> None:
+        if not healthy:
+            ray.kill(host)
+            return
+        with self._lock:
+            self._free.append(host)
+
+    def clear(self) -> None:
+        """Forget every free host (Ray was shut down: they are gone)."""
+        with self._lock:
+            self._free.clear()
+
+    @staticmethod
+    def _start():
+        options = dict(num_cpus=1, num_gpus=gpu_per_training(), max_concurrency=4)
+        return ray.remote(TrainingHost).options(**options).remote()
+
+
+HOSTS = HostPool()
+
+
 class RayTrainingRunner(Runner):
     """The page's side of a training on a Ray worker: the interface of TrainingRunner."""
 
     def __init__(self, settings: Settings, text: str | None, vocab_size: int, slots: TrainingSlots,
                  name: str = "training", step_ms: float | None = None, **watch):
         super().__init__(slots, name, settings.max_iters, step_ms)
-        start_ray()  # the first training of a server starts Ray (or joins its cluster)
+        start_ray()  # the first training of a server starts Ray (or joins its cluster) and its hosts
+        HOSTS.warm(min(slots.capacity, cluster_cpus()))
         self.settings, self.watch = settings, watch
         self.config, self.train_config = settings.model_config(vocab_size), settings.train_config()
         self._text = ray.put(text) if text is not None else None  # sent to the cluster once, for every leg
         self._files: tuple[bytes, bytes, bytes] | None = None  # the last leg's weights, description, state
         self._checkpoint: Checkpoint | None = None
         self._lost = False
-        self._actor = None
+        self._actor = None  # the host training this runner's leg, while it does
+        self._leg = -1
+        self._killed = False  # the host was killed for not obeying a stop
         self._stopped_at: float | None = None
 
     @property
@@ -193,53 +274,59 @@ class RayTrainingRunner(Runner):
         self._stopped_at = time.monotonic()
         actor = self._actor
         if actor is not None:
-            actor.stop.remote()
+            actor.stop.remote(self._leg)
 
     def _train(self) -> None:
-        worker = ray.remote(TrainingWorker).options(num_cpus=1, num_gpus=gpu_per_training(), max_concurrency=4)
+        host, leg = HOSTS.borrow()
         watch = {**self.watch, "reporter": self.room_reporter}  # the room's reporter is plain data: it travels
-        actor = worker.remote(self.settings, self._text, watch, self._files, self.record.iters)
-        self._actor = actor
-        if self._stop.is_set():  # a stop that came before the actor did
-            actor.stop.remote()
+        done = host.train.remote(leg, self.settings, self._text, watch, self._files, self.record.iters)
+        self._actor, self._leg = host, leg
+        if self._stop.is_set():  # a stop that came before the host was lent
+            host.stop.remote(leg)
+        healthy, self._killed = True, False
         try:
-            files, last = self._follow(actor, actor.train.remote())
+            files, last = self._follow(host, leg, done)
             if files is None:  # diverged, or could not start
                 self._lost = True
             else:
                 self._files, self._checkpoint = files, load_checkpoint_bytes(files[0], files[1], name=self.name)
             self.book.merge(last)  # the end is told once its weights are here
+            host.forget.remote(leg)
         except RayError as e:
+            healthy = False
             self._lost = True
             self.book.set(status="failed", message=f"the worker running this training stopped: {_reason(e)}. "
                                                    "Reset to start again.")
         finally:
             self._actor = None
-            ray.kill(actor)
+            HOSTS.give_back(host, healthy and not self._killed)
 
-    def _follow(self, actor, done) -> tuple[tuple[bytes, bytes, bytes] | None, Progress]:
-        """Mirror the actor's progress until its leg ends; then what the leg returned, and the
-        last news, not yet merged."""
+    def _follow(self, host, leg: int, done) -> tuple[tuple[bytes, bytes, bytes] | None, Progress]:
+        """Mirror the leg's progress until it ends; then what the leg returned, and the last
+        news, not yet merged."""
         mine = self.book.snapshot()
         last = mine.snapshots[-1][0] if mine.snapshots else -1
         cursor = (0, 0, 0, last, mine.head_scores[-1]["iter"] if mine.head_scores else -1)
         while True:
             ended = bool(ray.wait([done], timeout=0)[0])
-            news = actor.progress_since.remote(cursor)
-            while not ray.wait([news], timeout=POLL_S)[0]:  # the actor is starting (or stuck)
-                self._kill_if_unresponsive(actor)
-            progress, cursor = ray.get(news)
-            if ended:
-                return ray.get(done), progress
-            self.book.merge(replace(progress, status="running"))  # not finished before the weights are back
+            news = host.progress_since.remote(leg, cursor)
+            while not ray.wait([news], timeout=POLL_S)[0]:  # the host is starting (or stuck)
+                self._kill_if_unresponsive(host)
+            answer = ray.get(news)
+            if answer is not None:  # the leg has arrived (it has, once it has ended)
+                progress, cursor = answer
+                if ended:
+                    return ray.get(done), progress
+                self.book.merge(replace(progress, status="running"))  # not finished before the weights are back
             ray.wait([done], timeout=POLL_S)
-            self._kill_if_unresponsive(actor)
+            self._kill_if_unresponsive(host)
 
-    def _kill_if_unresponsive(self, actor) -> None:
-        """A stop not obeyed in STOP_GRACE_S (a worker that never started, a hung kernel) frees
-        the slot anyway."""
+    def _kill_if_unresponsive(self, host) -> None:
+        """A stop not obeyed in STOP_GRACE_S (a host that never started, a hung kernel) frees
+        the slot anyway: the host is killed (the pool starts a fresh one when needed)."""
         if self._stop.is_set() and self._stopped_at is not None and time.monotonic() - self._stopped_at > STOP_GRACE_S:
-            ray.kill(actor)
+            self._killed = True
+            ray.kill(host)
 
 
 def _reason(error: RayError) -> str:

@@ -222,8 +222,9 @@ class LiveTraining:
             self.book.set(status="failed", message=f"training failed: {type(e).__name__}: {e}")
 
     def _on_step(self, rows: list[dict]) -> None:
-        if rows:
-            self.book.add_steps(rows)
+        if not rows:  # a stop before this chunk's first step: this step was looked at already
+            return
+        self.book.add_steps(rows)
         if not self.trainer.diverged:  # NaN weights: nothing to sample or look at
             self._look()
 
@@ -345,6 +346,7 @@ class TrainingRunner(Runner):
         super().__init__(slots, name, trainer.train_config.max_iters, step_ms)
         self.trainer = trainer
         self.live = LiveTraining(trainer, self.book, probe_ids, sample_every, snapshot_every, sample_chars, chunk)
+        self._training = False
 
     @property
     def config(self):
@@ -376,7 +378,14 @@ class TrainingRunner(Runner):
 
     def _train(self) -> None:
         self.live.reporter = self.room_reporter
-        self.live.run()
+        self._training = True
+        try:
+            if self._stop.is_set():  # a stop that came before the slot did
+                self.trainer.request_stop()
+            self.live.run()
+        finally:
+            self._training = False
 
     def _request_stop(self) -> None:
-        self.trainer.request_stop()
+        if self._training:  # a stop while queued is the queue's: it must not stop the next Resume at once
+            self.trainer.request_stop()
