@@ -1,13 +1,15 @@
 """The room: N participants start the "Room (everyone at once)" recipe within a few seconds of
-each other, on a server whose trainings are threads, then on one whose trainings are Ray
-workers; the two side by side.
+each other, then each generates 200 characters on the Sample page while the room trains, and
+goes back to the Train page to watch the end; on a server whose trainings are threads, then on
+one whose trainings are Ray workers; the two side by side.
 
 Each backend gets a fresh `streamlit run explorer/app.py` driven by benchmarks/load.py's
 browserless sessions (Streamlit's own websocket protocol). Measured: the time from the first
 Start to the last training's end, against the compute bound (one training's CPU seconds, alone
 in one process, times N over the cores); script-run latency while the room trains (p50, p95);
-the peak memory of the server's process and of the processes it started (Ray's workers and
-daemons); errors (on a page, in the protocol, in the server's log).
+each Generate's time from the click to the whole sample (p50, p95) and the room's characters a
+second; the peak memory of the server's process and of the processes it started (Ray's workers
+and daemons); errors (on a page, in the protocol, in the server's log).
 
     python -m benchmarks.room [--participants 30] [--within 10] [--backends threads ray]
 """
@@ -42,6 +44,7 @@ from explorer.offpage.training_run import TrainingRunner, TrainingSlots
 
 RECIPE = "Room (everyone at once)"
 SAMPLE_S = 1.0
+SAMPLE_CHARS = 200  # the Sample view's default length
 
 
 def training_cpu_s() -> float:
@@ -88,7 +91,8 @@ def _rss_mb(pid: int) -> float:
     return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0)
 
 
-async def participant(i: int, port: int, args, errors: list, latencies: list, deadline: float) -> Session:
+async def participant(i: int, port: int, args, errors: list, latencies: list, deadline: float,
+                      written: list) -> Session:
     s = Session(f"participant{i}", port, errors, latencies)
     await asyncio.sleep(i * args.within / max(1, args.participants))
     await s.connect()
@@ -99,6 +103,15 @@ async def participant(i: int, port: int, args, errors: list, latencies: list, de
         await s.rerun("recipe")
         s.training.clicked = time.monotonic()
         await s.rerun("start", trigger="train_start")
+        await s.open_page("sample")  # while the training waits or runs
+        s.set_number("sample_seed", i)
+        clicked = time.monotonic()
+        await s.rerun("generate", trigger="sample_generate")
+        await poll(s, "sample poll", deadline)
+        if not s.auto_reruns:  # the whole sample is on the page
+            written.append((clicked, time.monotonic() - clicked))
+        await s.open_page("train")
+        read_progress(s)  # the room's trainings are short: this one may have finished meanwhile
         while time.monotonic() < deadline and s.training.finished is None:
             if any(kind == "ERROR" for kind, _ in s.texts):  # could not start, or failed: counted in errors
                 break
@@ -113,8 +126,8 @@ async def participant(i: int, port: int, args, errors: list, latencies: list, de
     return s
 
 
-async def room(port: int, pid: int, args) -> tuple[list[Session], list, list, list]:
-    errors, latencies, memory = [], [], []
+async def room(port: int, pid: int, args) -> tuple[list[Session], list, list, list, list]:
+    errors, latencies, memory, written = [], [], [], []
     deadline = time.monotonic() + args.timeout
 
     async def sample() -> None:
@@ -123,10 +136,10 @@ async def room(port: int, pid: int, args) -> tuple[list[Session], list, list, li
             await asyncio.sleep(SAMPLE_S)
 
     sampler = asyncio.create_task(sample())
-    sessions = await asyncio.gather(*(participant(i, port, args, errors, latencies, deadline)
+    sessions = await asyncio.gather(*(participant(i, port, args, errors, latencies, deadline, written)
                                       for i in range(args.participants)))
     sampler.cancel()
-    return sessions, errors, latencies, memory
+    return sessions, errors, latencies, memory, written
 
 
 def run_backend(workers: str, args, text: Path) -> dict:
@@ -139,17 +152,20 @@ def run_backend(workers: str, args, text: Path) -> dict:
             server = start_server(port, env, log)
             try:
                 asyncio.run(warm_up(port))
-                sessions, errors, latencies, memory = asyncio.run(room(port, server.pid, args))
+                sessions, errors, latencies, memory, written = asyncio.run(room(port, server.pid, args))
             finally:
                 stop_server(server)
         errors += server_log_errors(log_path)
     trainings = [s.training for s in sessions]
     first = min(t.clicked for t in trainings)
     done = [t.finished for t in trainings if t.finished is not None]
-    while_training = [s for k, s in latencies if k == "train poll"]
+    while_training = [s for k, s in latencies if k in ("train poll", "sample poll")]
+    span = max((g + w for g, w in written), default=0) - min((g for g, _ in written), default=0)
     return dict(finished=len(done), last_done_s=(max(done) - first) if len(done) == len(trainings) else None,
                 to_first_step_s=percentiles([t.started - t.clicked for t in trainings if t.started]),
                 poll_latency_s=percentiles(while_training), all_latency_s=percentiles([s for _, s in latencies]),
+                written_s=percentiles([w for _, w in written]), samples=len(written),
+                chars_per_s=SAMPLE_CHARS * len(written) / span if span else None,
                 server_peak_mb=max((m[0] for m in memory), default=None),
                 children_peak_mb=max((m[1] for m in memory), default=None),
                 errors=len(errors), error_examples=sorted({f"{kind}: {what}"[:160] for _, kind, what in errors})[:5])
@@ -161,8 +177,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--within", type=float, default=10.0, help="seconds over which they press Start (default 10)")
     p.add_argument("--backends", nargs="+", default=["threads", "ray"], choices=["threads", "ray"])
     p.add_argument("--timeout", type=float, default=900, help="give up on a backend after this many seconds")
-    p.add_argument("--model", default=str(ROOT / "pretrained" / "stage-bigram"),
-                   help="the checkpoint the sidebar shows (default: the smallest, pretrained/stage-bigram)")
+    p.add_argument("--model", default=str(ROOT / "pretrained" / "cpu-best"),
+                   help="the checkpoint the sidebar shows, which the room samples (default: pretrained/cpu-best)")
     return p.parse_args()
 
 
@@ -184,7 +200,9 @@ def main() -> None:
         rows += [(f"{workers}: last training done", last, ratio),
                  (f"{workers}: Start to first step p50 / p95", f"{_s(r['to_first_step_s']['p50'])} / {_s(r['to_first_step_s']['p95'])}"),
                  (f"{workers}: poll latency p50 / p95", f"{_s(r['poll_latency_s']['p50'])} / {_s(r['poll_latency_s']['p95'])}",
-                  f"{r['poll_latency_s']['n']} polls while the room trains"),
+                  f"{r['poll_latency_s']['n']} polls while the room trains and samples"),
+                 (f"{workers}: Generate to the whole sample p50 / p95", f"{_s(r['written_s']['p50'])} / {_s(r['written_s']['p95'])}",
+                  f"{r['samples']} samples of {SAMPLE_CHARS}; the room wrote {_num(r['chars_per_s'])} characters/s"),
                  (f"{workers}: server / its children peak", f"{_mb(r['server_peak_mb'])} / {_mb(r['children_peak_mb'])}",
                   "resident memory"),
                  (f"{workers}: errors", r["errors"], "; ".join(r["error_examples"]))]
@@ -195,6 +213,10 @@ def main() -> None:
 
 def _s(x) -> str:
     return f"{x:.2f} s" if x is not None else "-"
+
+
+def _num(x) -> str:
+    return f"{x:.0f}" if x is not None else "-"
 
 
 def _mb(x) -> str:
