@@ -13,7 +13,7 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts explorer/ on the path, not
 import streamlit as st  # noqa: E402
 import torch  # noqa: E402
 
-from explorer.glue import room_glue, sidebar  # noqa: E402  (imports core, so after the path is set)
+from explorer.glue import room_glue, sidebar, train_setup  # noqa: E402  (imports core, so after the path is set)
 
 VIEWS = ROOT / "explorer" / "views"  # absolute: st.Page resolves a relative path from elsewhere
 GIL_SWITCH_S = 0.0005  # how long a thread may keep the GIL while another waits for it (benchmarks/README.md)
@@ -58,6 +58,7 @@ def main() -> None:
     st.set_page_config(page_title="GPT Explorer", page_icon=":material/visibility:", layout="wide")
     page = st.navigation([st.Page(VIEWS / file, title=title, icon=icon) for file, title, icon in PAGES])
     st.sidebar.title("GPT Explorer")
+    train_setup.prepare_workers()
     room_glue.keep_seat()
     room_glue.banner()
     sidebar.model_sidebar(select_new=page.title == "Train")

@@ -30,6 +30,7 @@ TIMEOUT = 120  # a worker's first start imports torch on a busy machine
 @pytest.fixture(scope="module")
 def local_ray():
     ray_training.start_ray(num_cpus=2)
+    assert wait_for(lambda: ray_training.HOSTS.idle == 2, timeout=TIMEOUT)  # warm with Ray: a host per CPU
     yield
     ray.shutdown()
 
@@ -141,6 +142,19 @@ def test_trainings_reuse_the_warm_workers_and_a_dead_one_is_replaced(local_ray):
 @pytest.fixture
 def ray_app(local_ray, app_server, monkeypatch):
     monkeypatch.setenv("GPT_EXPLORER_WORKERS", "ray")
+
+
+def test_a_ray_server_warms_its_workers_before_anyone_trains(local_ray, monkeypatch):
+    from explorer.glue import train_setup
+
+    asked = []
+    monkeypatch.setattr(ray_training, "prepare", lambda hosts=None: asked.append(hosts))
+    monkeypatch.setenv("GPT_EXPLORER_MAX_TRAININGS", "3")
+    train_setup.prepare_workers()
+    assert asked == []  # threads: nothing to start
+    monkeypatch.setenv("GPT_EXPLORER_WORKERS", "ray")
+    train_setup.prepare_workers()
+    assert asked == [3]
 
 
 def test_the_train_view_trains_on_a_worker(ray_app):

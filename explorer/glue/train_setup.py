@@ -9,7 +9,7 @@ import streamlit as st
 from core import CharTokenizer, stage_of
 from core.data import Corpus, load_shakespeare
 from core.trainer import time_step
-from explorer.offpage.recipes import Limits, Settings, every_line_twice, make_trainer, probe_ids
+from explorer.offpage.recipes import Limits, Settings, every_line_twice, make_trainer, probe_ids, read_limits
 from explorer.offpage.step_times import StepTimes
 from explorer.offpage.training_run import Runner, TrainingRunner, TrainingSlots
 
@@ -33,6 +33,16 @@ def training_slots(workers: str, max_trainings: int | None) -> TrainingSlots:
     the queue to the cluster once Ray is up)."""
     cores = os.cpu_count() or 2
     return TrainingSlots(max_trainings or (max(1, cores - 1) if workers == "threads" else cores))
+
+
+def prepare_workers() -> None:
+    """A server on Ray starts it, and warms its workers, at the first page anyone opens: the
+    room's Start finds them up. A server on threads never imports Ray."""
+    limits, _ = read_limits()
+    if limits.workers == "ray":
+        from explorer.offpage import ray_training
+
+        ray_training.prepare(hosts=limits.max_trainings)
 
 
 def new_runner(settings: Settings, text: str | None, limits: Limits, run: int) -> Runner:

@@ -46,28 +46,37 @@ STOP_GRACE_S = 30.0  # a stopped training whose worker has not answered by then 
 
 ROOT = Path(__file__).resolve().parents[2]  # workers import core and explorer from here, on every machine
 _start_lock = threading.Lock()
+_start: tuple[threading.Event, list] | None = None  # (set once Ray is up or failed, the failure)
 
 
-def start_ray(num_cpus: int | None = None) -> None:
-    """Once per server process: join GPT_EXPLORER_RAY_ADDRESS, or start a local instance with a
-    worker per core (or num_cpus). Later calls return at once.
+def prepare(hosts: int | None = None, num_cpus: int | None = None) -> threading.Event:
+    """Start Ray in the background and then warm `hosts` hosts (None: one per CPU of the
+    cluster); returns at once, with an event set once Ray is up or could not start. A server on
+    Ray calls it at its first page view, so the room's Start finds the workers up. Joins
+    GPT_EXPLORER_RAY_ADDRESS, or starts a local instance with a worker per core (or num_cpus).
 
     ray.init runs on a thread of its own that lives as long as Ray does: Ray's local daemons
     die with the thread that started them (Linux's PR_SET_PDEATHSIG), and a script run's thread
     ends with the run."""
+    global _start
     with _start_lock:
-        if ray.is_initialized():
-            return
-        HOSTS.clear()  # hosts of an earlier Ray instance (shut down since) are gone
-        started, failure = threading.Event(), []
-        threading.Thread(target=_keep_ray, args=(num_cpus, started, failure), name="gpt-explorer-ray",
-                         daemon=True).start()
-        started.wait()
-        if failure:
-            raise failure[0]
+        if _start is None or (_start[0].is_set() and not ray.is_initialized()):  # never, failed, or shut down since
+            HOSTS.clear()  # hosts of an earlier Ray instance are gone
+            _start = (threading.Event(), [])
+            threading.Thread(target=_keep_ray, args=(num_cpus, hosts, *_start), name="gpt-explorer-ray",
+                             daemon=True).start()
+        return _start[0]
 
 
-def _keep_ray(num_cpus: int | None, started: threading.Event, failure: list) -> None:
+def start_ray(num_cpus: int | None = None) -> None:
+    """Ray up, started here if need be: raises what kept it from starting."""
+    prepare(num_cpus=num_cpus).wait()
+    failure = _start[1]
+    if failure:
+        raise failure[0]
+
+
+def _keep_ray(num_cpus: int | None, hosts: int | None, started: threading.Event, failure: list) -> None:
     try:
         job = ray.job_config.JobConfig(code_search_path=[str(ROOT)])
         address = os.environ.get(ADDRESS_ENV)
@@ -82,6 +91,7 @@ def _keep_ray(num_cpus: int | None, started: threading.Event, failure: list) -> 
         return
     finally:
         started.set()
+    HOSTS.warm(min(hosts or cluster_cpus(), cluster_cpus()))
     while ray.is_initialized():
         time.sleep(1.0)
 
@@ -202,6 +212,11 @@ class HostPool:
         self._lock = threading.Lock()
         self._leg_ids = itertools.count()
 
+    @property
+    def idle(self) -> int:
+        """Hosts started and not lent."""
+        return len(self._free)
+
     def warm(self, n: int) -> None:
         """Start hosts until n exist or are free (their processes start in the background)."""
         with self._lock:
@@ -241,8 +256,7 @@ class RayTrainingRunner(Runner):
     def __init__(self, settings: Settings, text: str | None, vocab_size: int, slots: TrainingSlots,
                  name: str = "training", step_ms: float | None = None, **watch):
         super().__init__(slots, name, settings.max_iters, step_ms)
-        start_ray()  # the first training of a server starts Ray (or joins its cluster) and its hosts
-        HOSTS.warm(min(slots.capacity, cluster_cpus()))
+        start_ray()  # up since the server's first page view (or started now, for a caller of its own)
         self.settings, self.watch = settings, watch
         self.config, self.train_config = settings.model_config(vocab_size), settings.train_config()
         self._text = ray.put(text) if text is not None else None  # sent to the cluster once, for every leg
