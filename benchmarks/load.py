@@ -263,11 +263,9 @@ async def viewer(s: Session, deadline: float, think: tuple[float, float], rng: r
             await s.rerun("pick a character")
         else:
             s.set_number("sample_seed", rng.randrange(1_000_000))
-            clicked = time.monotonic()
-            await s.rerun("generate", trigger="sample_generate")
-            await poll(s, "sample poll", deadline)  # it watches the text arrive
-            if not s.auto_reruns:
-                s.written.append(time.monotonic() - clicked)
+            written = await generate(s, deadline)  # it watches the text arrive
+            if written is not None:
+                s.written.append(written)
 
 
 async def trainer(s: Session, deadline: float, steps: int) -> None:
@@ -285,15 +283,36 @@ async def trainer(s: Session, deadline: float, steps: int) -> None:
         await poll(s, "train poll", deadline, after=read_progress)
 
 
-async def poll(s: Session, kind: str, deadline: float, after=lambda s: None) -> None:
-    """Rerun the page's polling fragment at the interval it asks, as a browser does, while it
-    asks; `after(s)` reads each result."""
-    while s.auto_reruns and time.monotonic() < deadline:
-        fragment_id, interval = next(iter(s.auto_reruns.items()))
-        t0 = time.monotonic()
+async def poll(s: Session, kind: str, deadline: float, after=lambda s: None, follow: set[str] | None = None) -> None:
+    """Rerun the page's polling fragments, each at the interval it asks, as a browser does (the
+    first at once), while any of `follow` (default: every fragment) still polls; `after(s)`
+    reads each result."""
+    due: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        polling = set(s.auto_reruns) if follow is None else follow & set(s.auto_reruns)
+        if not polling:
+            return
+        now = time.monotonic()
+        for fragment_id in s.auto_reruns:
+            due.setdefault(fragment_id, now)
+        fragment_id = min(s.auto_reruns, key=due.__getitem__)
+        await asyncio.sleep(max(0.0, due[fragment_id] - now))
+        if fragment_id not in s.auto_reruns:  # a full run ended it meanwhile
+            continue
         await s.rerun(kind, fragment_id=fragment_id)
         after(s)
-        await asyncio.sleep(max(0.0, interval - (time.monotonic() - t0)))
+        due[fragment_id] = time.monotonic() + s.auto_reruns.get(fragment_id, 0.0)
+
+
+async def generate(s: Session, deadline: float) -> float | None:
+    """Click Generate and follow the sample's own polling fragment (not the sidebar's, say) until
+    it stops: the seconds from the click to the whole sample on the page, or None if it never did."""
+    before = set(s.auto_reruns)
+    clicked = time.monotonic()
+    await s.rerun("generate", trigger="sample_generate")
+    mine = set(s.auto_reruns) - before
+    await poll(s, "sample poll", deadline, follow=mine)
+    return None if mine & set(s.auto_reruns) else time.monotonic() - clicked
 
 
 def read_progress(s: Session) -> None:
