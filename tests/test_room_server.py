@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from test_browser import ARTIFACTS, CHARTS_DRAWN, CHROMIUM, IDLE, ROOT, SCREENSHOTS, UPDATE_ENV, _wait_healthy, free_port, launch
+from test_browser import ARTIFACTS, CHROMIUM, IDLE, ROOT, SCREENSHOTS, UPDATE_ENV, _wait_healthy, free_port, launch, wait_drawn
 
 from core.data import Corpus
 from core.trainer import TrainConfig, Trainer
@@ -109,4 +109,4 @@ def open_page(page, url: str) -> None:
     page.goto(url)
     page.wait_for_selector("h1", timeout=60_000)
     page.wait_for_selector(IDLE, timeout=60_000)
-    page.wait_for_function(CHARTS_DRAWN, timeout=60_000)
+    wait_drawn(page)
