@@ -48,13 +48,14 @@ def _finish(fig: go.Figure, title: str, height: int | None = None) -> go.Figure:
 
 
 def _title_lines(title: str) -> list[str]:
-    """Lines of at most TITLE_CHARS characters; a closing remark in parentheses gets lines of its own."""
-    if len(title) <= TITLE_CHARS:
-        return [title]
+    """Lines of at most TITLE_CHARS characters, as few as can be; a closing remark in parentheses
+    gets a line of its own where that costs no extra line."""
+    wrapped = textwrap.wrap(title, TITLE_CHARS) or [""]
     head, _, remark = title.rpartition(" (")
-    if head and remark.endswith(")") and ")" not in remark[:-1]:
-        return textwrap.wrap(head, TITLE_CHARS) + textwrap.wrap(f"({remark}", TITLE_CHARS)
-    return textwrap.wrap(title, TITLE_CHARS)
+    if head and len(remark) < TITLE_CHARS and remark.endswith(")") and ")" not in remark[:-1]:
+        apart = textwrap.wrap(head, TITLE_CHARS) + [f"({remark}"]
+        return apart if len(apart) <= len(wrapped) else wrapped
+    return wrapped
 
 
 def _x_axis_on_top(fig: go.Figure, **axis) -> None:
