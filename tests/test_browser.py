@@ -106,6 +106,18 @@ def wait_drawn(page, timeout: float = 60_000) -> None:
         pytest.fail(f"not drawn: {page.evaluate(UNDRAWN)}")
 
 
+def layout_problems(page, settle_ms: float = 5_000) -> list[str]:
+    """What LAYOUT_PROBLEMS finds once the page has settled: a table or a chart laid out again at a
+    new width takes a few frames, so wait for none (at once when nothing is wrong), then look."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(f"() => ({LAYOUT_PROBLEMS})().length === 0", timeout=settle_ms)
+    except PlaywrightTimeout:
+        pass  # the problems are real: they are returned
+    return page.evaluate(LAYOUT_PROBLEMS)
+
+
 def _wait_idle(page) -> None:
     page.wait_for_selector(IDLE, timeout=60_000)
     wait_drawn(page)
@@ -158,14 +170,14 @@ def test_every_view_on_cpu_best_draws_and_fits_a_laptop_and_a_phone(server):
                     _text(page, f"A sample at step {FIRST_SAMPLE}", timeout=180_000)
                     wait_drawn(page)
                 _assert_no_exception(page, view)
-                problems[view] = page.evaluate(LAYOUT_PROBLEMS)
+                problems[view] = layout_problems(page)
                 if view not in ROOM_VIEWS:
                     page.screenshot(path=ARTIFACTS / f"{view}.png")
                 if view == "attention":
                     problems["attention on a laptop's screen"] = _heatmap_and_controls_fit(page)
                 page.set_viewport_size(PHONE)
                 wait_drawn(page)
-                problems[f"{view} on a phone"] = page.evaluate(LAYOUT_PROBLEMS)
+                problems[f"{view} on a phone"] = layout_problems(page)
                 page.screenshot(path=ARTIFACTS / "phone" / f"{view}.png")
                 if view == "training":
                     _button(page, "Stop").click()  # frees the training slot for the next test at once
@@ -250,7 +262,7 @@ def test_start_stop_resume_to_the_end_reset_and_start_again_in_a_real_browser(se
             _text(page, "Finished", timeout=180_000)
             assert page.evaluate(STEP_NOW) == 5000
             _button(page, "Download weights (.safetensors)").wait_for(timeout=30_000)
-            assert not page.evaluate(LAYOUT_PROBLEMS)
+            assert not layout_problems(page)
             _button(page, "Reset").click()
             _button(page, "Start").wait_for(timeout=30_000)  # the form is back at once
             _button(page, "Start").click()
