@@ -51,7 +51,7 @@ def test_two_models_on_one_prompt_side_by_side_with_their_difference(two, shakes
     prompt = at.text_area(key="cmp_prompt").value
     ids = tiny.tokenizer.encode(prompt)
     assert not at.info  # nothing to explain: same vocabulary, context and shape
-    titles = [figure(at, i)["layout"]["title"]["text"] for i in range(len(at.get("plotly_chart")))]
+    titles = [figure(at, i)["layout"]["title"]["text"].replace("<br>", " ") for i in range(len(at.get("plotly_chart")))]
     assert titles.count("Attention weights of every head (rows: queries, columns: keys)") == 2
     assert "Layer 0, head 0: B's weights minus A's" in titles
     assert titles.count("The most likely next character, read after each block") == 2

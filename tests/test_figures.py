@@ -70,6 +70,25 @@ def test_head_grid_stays_small_at_long_prompts_and_keeps_sharp_weights():
     assert (np.diag(tile) == 255).all()  # max-pooling kept the diagonal at full weight
 
 
+def test_a_long_title_is_broken_into_lines_that_fit_beside_the_toolbar_and_a_short_one_is_not():
+    grid = figures.head_grid(causal_softmax(4, heads=(1, 1)))
+    assert grid.layout.title.text == "Attention weights of every head<br>(rows: queries, columns: keys)"
+    words = figures.bar_chart(np.ones(2), ["a", "b"], "Length ‖x‖ of the residual stream after each block").layout.title.text
+    assert words == "Length ‖x‖ of the residual stream after<br>each block"
+    assert max(len(line) for line in words.split("<br>")) <= figures.TITLE_CHARS
+    assert grid.layout.margin.t == 60 + figures.TITLE_LINE_PX + figures.TOP_AXIS_PX  # room for a line and the heads' names
+    assert figures.loss_curve([], []).layout.title.text == "Loss"
+
+
+def test_square_cells_give_the_plot_its_shape_and_other_figures_none():
+    assert figures.plot_aspect(figures.attention_heatmap(causal_softmax(5), list("abcde"), "softmax")) == 1
+    grid = figures.head_grid(causal_softmax(8, heads=(2, 4)))
+    rows, columns = grid.data[0].z.shape
+    assert figures.plot_aspect(grid) == columns / rows and 1.9 < columns / rows < 2.1  # 4 heads across, 2 layers down
+    assert figures.plot_aspect(figures.line_chart({"a": np.zeros(3)}, list("abc"))) is None
+    assert figures.plot_aspect(figures.heatmap(np.eye(3), list("abc"), list("abc"))) is None
+
+
 def test_bar_chart_highlights_one_bar():
     fig = figures.bar_chart(np.array([0.5, 0.3, 0.2]), ["a", "b", "c"], highlight=1)
     colors = fig.data[0].marker.color

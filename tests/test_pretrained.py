@@ -7,7 +7,7 @@ import torch
 
 from core.checkpoint import load_checkpoint, paths
 from core.data import Corpus
-from core.experiments import val_windows
+from core.experiments import head_types, val_windows
 
 PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
 SHIPPED = sorted(PRETRAINED.glob("*.json"))
@@ -55,3 +55,13 @@ def test_seeded_sampling_is_reproducible(shipped):
 
 def test_shipped_without_optimizer_state():
     assert not any(paths(p)[2].exists() for p in SHIPPED)  # a .state file would double the download
+
+
+def test_cpu_best_layer_0_head_0_looks_at_the_previous_character(shakespeare):
+    """The README's Attention screenshot and the teacher's example push show this head: nearly all
+    of its weight on the previous character, on the validation text."""
+    ckpt = load_checkpoint(PRETRAINED / "cpu-best.json")
+    T = ckpt.model.config.block_size
+    x, _ = val_windows(Corpus(shakespeare, T, ckpt.tokenizer), T)
+    previous = head_types(ckpt.model, x)["previous_token"]  # (layers, heads)
+    assert previous[0, 0] > 0.9 and previous[0, 0] == previous.max(), previous

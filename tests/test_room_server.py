@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from test_browser import ARTIFACTS, CHARTS_DRAWN, CHROMIUM, IDLE, ROOT, SCREENSHOTS, UPDATE_ENV, _wait_healthy, free_port, launch
+from test_browser import ARTIFACTS, CHROMIUM, IDLE, ROOT, SCREENSHOTS, SHIPPED, UPDATE_ENV, _wait_healthy, free_port, launch, wait_drawn
 
 from core.data import Corpus
 from core.trainer import TrainConfig, Trainer
@@ -60,11 +60,11 @@ def fill_room(room: Room, text: str) -> dict[str, tuple[int, str]]:
     return out
 
 
-def test_the_board_survives_a_server_restart(tiny_checkpoint, shakespeare, tmp_path):
+def test_the_board_survives_a_server_restart(shakespeare, tmp_path):
     from playwright.sync_api import sync_playwright
 
     room_path, log_path = tmp_path / "room", tmp_path / "server.log"
-    env = {**os.environ, PRETRAINED_ENV: str(tiny_checkpoint.parent), ROOM_DIR_ENV: str(room_path), TOKEN_ENV: SECRET}
+    env = {**os.environ, PRETRAINED_ENV: str(SHIPPED), ROOM_DIR_ENV: str(room_path), TOKEN_ENV: SECRET}  # cpu-best first
     room = Room(room_path)
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
@@ -109,4 +109,4 @@ def open_page(page, url: str) -> None:
     page.goto(url)
     page.wait_for_selector("h1", timeout=60_000)
     page.wait_for_selector(IDLE, timeout=60_000)
-    page.wait_for_function(CHARTS_DRAWN, timeout=60_000)
+    wait_drawn(page)

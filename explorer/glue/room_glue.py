@@ -244,9 +244,9 @@ def banner() -> None:
     with st.container(border=True):
         st.markdown(f":material/campaign: **The teacher asks everyone to look at** {escape_markdown(push['view'])}: "
                     f"{where}{escape_markdown(push['model'])}{prompt}.")
-        a, b, _ = st.columns([1, 1, 5])
-        a.button("Open it", key="room_open_push", type="primary", on_click=_apply_push, args=(push,))
-        b.button("Dismiss", key="room_dismiss_push", on_click=_dismiss, args=(push["id"],))
+        row = st.container(horizontal=True)
+        row.button("Open it", key="room_open_push", type="primary", on_click=_apply_push, args=(push,))
+        row.button("Dismiss", key="room_dismiss_push", on_click=_dismiss, args=(push["id"],))
 
 
 def _dismiss(number: int) -> None:

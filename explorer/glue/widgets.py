@@ -19,12 +19,15 @@ from core import visible
 from core.checkpoint import Checkpoint
 from core.lens import run_with_cache
 from core.model import Cache
+from explorer.offpage import figures
 
 PROMPT = "prompt"  # one prompt shared by the views that read a model's insides
 MAX_NAMED = 20  # unknown characters a warning names; the rest are counted
 MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]<>#~$:|])")
 DEFAULT_PROMPT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
                   "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?")
+SQUARE_MIN_PX = 220  # a chart of square cells is never flatter than this (a 1 x 6 grid of heads on a phone)
+SCREEN_LESS_PX = 160  # what a chart of square cells leaves of the screen: Streamlit's header, a row of controls above it
 
 
 @dataclass
@@ -127,9 +130,22 @@ def pick_position(label: str, chars: list[str], key: str) -> int:
 
 def chart(fig: go.Figure, name: str, **select) -> None:
     """A figure with Plotly's own modebar; its camera button saves NAME.png. select: on_select
-    and key of st.plotly_chart, for a figure that can be clicked."""
-    st.plotly_chart(fig, width="stretch", config={
-        "displaylogo": False, "toImageButtonOptions": {"format": "png", "filename": name, "scale": 2}}, **select)
+    and key of st.plotly_chart, for a figure that can be clicked.
+
+    A figure with square cells keeps its shape at any width: drawn at its own height on a phone, it
+    would leave blank bands above and below the plot, and the server never learns the screen's width.
+    So the browser sizes it: a box of the plot's aspect ratio (CSS), never taller than the figure
+    or than the screen less a row of controls, that the chart fills."""
+    config = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "filename": name, "scale": 2}}
+    aspect = figures.plot_aspect(fig)
+    if aspect is None:
+        st.plotly_chart(fig, width="stretch", config=config, **select)
+        return
+    box = f"chart_{name}"
+    st.html(f"<style>.st-key-{box} {{aspect-ratio: {aspect:.4f}; min-height: {SQUARE_MIN_PX}px; "
+            f"max-height: min({fig.layout.height}px, calc(100vh - {SCREEN_LESS_PX}px))}}</style>")
+    with st.container(key=box):
+        st.plotly_chart(fig, width="stretch", height="stretch", config=config, **select)
 
 
 def shared_chart(build: Callable[..., go.Figure], *args, name: str, select: dict | None = None, **kwargs) -> None:

@@ -8,6 +8,7 @@ Rows run top to bottom, as in a printed matrix: row i of an attention matrix is 
 
 import html
 import math
+import textwrap
 
 import numpy as np
 import plotly.graph_objects as go
@@ -19,6 +20,10 @@ SIGNED = "RdBu_r"  # scores and activations, blue below 0 and red above
 MAX_TICKS = 64  # with more characters than this on an axis, label every k-th
 GRID_TILE = 128  # the largest side of one head in the all-heads grid (figure size: benchmarks/README.md)
 GAP = "#d9d9d9"  # the grey between the tiles of the grid
+# A title line at most this long fits beside the toolbar on a phone (358 px) and in half a laptop's page.
+TITLE_CHARS = 42
+TITLE_LINE_PX = 26  # each further line of a title widens the top margin by this
+TOP_AXIS_PX = 30  # what the labels of an x axis drawn above the plot add to the top margin
 
 
 def position_labels(chars: list[str]) -> list[str]:
@@ -33,9 +38,40 @@ def _char_ticks(chars: list[str]) -> dict:
 
 
 def _finish(fig: go.Figure, title: str, height: int | None = None) -> go.Figure:
-    # A vertical toolbar at the right edge keeps Plotly's buttons off the title.
-    fig.update_layout(title=title, height=height, margin=dict(l=10, r=40, t=60, b=10), modebar=dict(orientation="v"))
+    # A vertical toolbar at the right edge keeps Plotly's buttons off the title. Plotly never wraps a
+    # title, so a long one is broken into lines here; Plotly centres them in the top margin, which
+    # each line widens.
+    lines = _title_lines(title)
+    fig.update_layout(title="<br>".join(lines), height=height, modebar=dict(orientation="v"),
+                      margin=dict(l=10, r=40, t=60 + TITLE_LINE_PX * (len(lines) - 1), b=10))
     return fig
+
+
+def _title_lines(title: str) -> list[str]:
+    """Lines of at most TITLE_CHARS characters, as few as can be; a closing remark in parentheses
+    gets a line of its own where that costs no extra line."""
+    wrapped = textwrap.wrap(title, TITLE_CHARS) or [""]
+    head, _, remark = title.rpartition(" (")
+    if head and len(remark) < TITLE_CHARS and remark.endswith(")") and ")" not in remark[:-1]:
+        apart = textwrap.wrap(head, TITLE_CHARS) + [f"({remark}"]
+        return apart if len(apart) <= len(wrapped) else wrapped
+    return wrapped
+
+
+def _x_axis_on_top(fig: go.Figure, **axis) -> None:
+    """The x axis above the plot, as a printed matrix's column headings, its labels under the figure's
+    title (which Plotly centres in the top margin that _finish, called before, has set)."""
+    fig.update_xaxes(side="top", **axis)
+    fig.layout.margin.t += TOP_AXIS_PX
+
+
+def plot_aspect(fig: go.Figure) -> float | None:
+    """Width over height of a figure's plot when its cells are square (the y axis anchored to x):
+    its first trace's columns over its rows. None when the plot may take any shape."""
+    if fig.layout.yaxis.scaleanchor != "x":
+        return None
+    rows, columns = np.shape(fig.data[0].z)
+    return columns / rows
 
 
 def heatmap(z: np.ndarray, x: list[str], y: list[str], title: str = "", *, x_title: str = "",
@@ -72,10 +108,11 @@ def attention_heatmap(scores: np.ndarray, chars: list[str], step: str, title: st
     masked = np.isneginf(scores)
     style = dict(colorscale=WEIGHTS, zmin=0, zmax=1) if step == "softmax" else dict(colorscale=SIGNED, zmid=0)
     labels = position_labels(chars)
-    fig = heatmap(np.where(masked, np.nan, scores), labels, labels, title, x_title="key", y_title="query",
-                  value="weight" if step == "softmax" else "score", height=620, **style)
-    fig.update_xaxes(**_char_ticks(chars), side="top")
-    fig.update_yaxes(**_char_ticks(chars), scaleanchor="x")
+    # The axes are named in the title (and in the hover): "key" above the top axis ran into the title on a phone.
+    fig = heatmap(np.where(masked, np.nan, scores), labels, labels, f"{title} (rows: queries, columns: keys)".strip(),
+                  x_title="key", y_title="query", value="weight" if step == "softmax" else "score", height=620, **style)
+    _x_axis_on_top(fig, **_char_ticks(chars), title_text="")
+    fig.update_yaxes(**_char_ticks(chars), title_text="", scaleanchor="x")
     if masked.any():
         # The masked cells fill the upper right triangle, so the note sits there.
         fig.add_annotation(text="empty cells: −inf (masked)<br>a character may not look ahead",
@@ -105,11 +142,12 @@ def head_grid(patterns: np.ndarray) -> go.Figure:
     colorscale = [[0, GAP]] + [[1 / 255 + i / (len(blues) - 1) * 254 / 255, c] for i, c in enumerate(blues)]
     fig = go.Figure(go.Heatmap(z=canvas, colorscale=colorscale, zmin=0, zmax=255, hoverinfo="skip",
                                colorbar=dict(thickness=12, tickvals=[1, 128, 255], ticktext=["0", "0.5", "1"])))
-    fig.update_xaxes(tickvals=np.arange(H) * (t + gap) + (t - 1) / 2, ticktext=[f"head {h}" for h in range(H)], side="top",
-                     showgrid=False, zeroline=False)
     fig.update_yaxes(tickvals=np.arange(L) * (t + gap) + (t - 1) / 2, ticktext=[f"layer {i}" for i in range(L)], autorange="reversed",
                      showgrid=False, zeroline=False, scaleanchor="x")
-    return _finish(fig, "Attention weights of every head (rows: queries, columns: keys)", 120 + 110 * L)
+    _finish(fig, "Attention weights of every head (rows: queries, columns: keys)", 120 + 110 * L)
+    _x_axis_on_top(fig, tickvals=np.arange(H) * (t + gap) + (t - 1) / 2, ticktext=[f"head {h}" for h in range(H)],
+                   showgrid=False, zeroline=False)
+    return fig
 
 
 def bar_chart(values: np.ndarray, labels: list[str], title: str = "", *, x_title: str = "",

@@ -81,12 +81,12 @@ def chosen(entry: Entry, me) -> None:
     st.markdown(f"{escape_markdown(entry.recipe)} · {escape_markdown(entry.shape)} · {entry.source} · "
                 f"{entry.status} at step {entry.steps:,}")
     if entry.sample:
-        st.code(entry.sample, language=None)
-    a, b, _ = st.columns([1, 1, 3])
-    a.button("Open in every view", key=K + "open", disabled=entry.saved_step is None, on_click=room_glue.open_model,
+        st.code(entry.sample, language=None, wrap_lines=True)
+    row = st.container(horizontal=True)
+    row.button("Open in every view", key=K + "open", disabled=entry.saved_step is None, on_click=room_glue.open_model,
              args=(entry,), help="Adds it to your model list (read-only: only its owner trains it).")
     if room_glue.resumable(entry, me):
-        b.button("Resume my training", key=K + "resume", on_click=resume, args=(entry.id,))
+        row.button("Resume my training", key=K + "resume", on_click=resume, args=(entry.id,))
     if st.session_state.get(RESUME_ERROR):
         st.error(st.session_state.pop(RESUME_ERROR))
     if entry.saved_step is None:

@@ -87,7 +87,7 @@ def batches(corpus: Corpus) -> None:
     itos = corpus.tokenizer.itos
     lines = [f"when input is {[visible(itos[i]) for i in context]} the target is {visible(itos[target])!r}"
              for context, target in context_target_pairs(x[b].tolist(), y[b].tolist())]
-    st.code("\n".join(lines), language=None)
+    st.code("\n".join(lines), language=None, wrap_lines=True)
 
 
 def _batch_frame(batch: torch.Tensor, tok: CharTokenizer, show_ids: bool) -> pd.DataFrame:

@@ -103,9 +103,9 @@ def knock_out(ckpt: Checkpoint, x: torch.Tensor, y: torch.Tensor) -> None:
     start = tuple(prompt.ids[-cfg.block_size:])
     with_head, without_head = st.columns(2)
     with_head.markdown("**With every head**")
-    with_head.code(_sample(key, start, seed, None, ckpt, x), language=None)
+    with_head.code(_sample(key, start, seed, None, ckpt, x), language=None, wrap_lines=True)
     without_head.markdown(f"**Without layer {layer}, head {head}**")
-    without_head.code(_sample(key, start, seed, (layer, head, how), ckpt, x), language=None)
+    without_head.code(_sample(key, start, seed, (layer, head, how), ckpt, x), language=None, wrap_lines=True)
 
 
 @st.cache_resource(max_entries=64, show_spinner="Writing…")

@@ -38,12 +38,12 @@ def lecture_view() -> None:
     with st.expander("The command that made each checkpoint"):
         for name, command in zip(frame["name"], frame["command"]):
             st.markdown(f"**{name}**")
-            st.code(command or "(not recorded)", language="bash")
+            st.code(command or "(not recorded)", language="bash", wrap_lines=True)
     st.subheader(f"What each one writes after {PROMPT!r} (seed 0)")
     path_of = {c.name: p for p, c in zip(paths, checkpoints)}
     for name in frame["name"]:  # the lecture's order, as in the table
         st.markdown(f"**{name}**")
-        st.code(sample(str(path_of[name]), path_of[name].stat().st_mtime), language=None)
+        st.code(sample(str(path_of[name]), path_of[name].stat().st_mtime), language=None, wrap_lines=True)
 
 
 @st.cache_data(max_entries=32, show_spinner="Sampling…")

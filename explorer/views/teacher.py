@@ -91,10 +91,10 @@ def trainings_box(room) -> None:
         return
     labels = {f"{i}. {e.label} ({e.status}, step {e.steps:,})": e for i, e in enumerate(entries, 1)}
     choice = labels[st.selectbox("Training", list(labels), key=K + "training")]
-    a, b, _ = st.columns([1, 1, 4])
-    a.button("Stop it", key=K + "stop", disabled=not choice.live, on_click=act,
+    row = st.container(horizontal=True)
+    row.button("Stop it", key=K + "stop", disabled=not choice.live, on_click=act,
              args=(f"Asked {choice.label} to stop.", stop, room, choice.id))
-    b.button("Remove it", key=K + "remove", on_click=act,
+    row.button("Remove it", key=K + "remove", on_click=act,
              args=(f"Removed {choice.label} and its checkpoint.", remove, room, choice.id))
 
 

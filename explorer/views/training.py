@@ -211,7 +211,7 @@ def progress(runner: Runner, slots: TrainingSlots) -> None:
         if p.samples:
             it, text = p.samples[-1]
             st.markdown(f"**A sample at step {it}** (200 characters after a newline, seed 0)")
-            st.code(text, language=None)
+            st.code(text, language=None, wrap_lines=True)
         if p.snapshots and p.snapshots[-1][1].size:
             heads(runner, p.snapshots)
         if p.head_scores:
@@ -223,17 +223,17 @@ def progress(runner: Runner, slots: TrainingSlots) -> None:
 def controls(runner: Runner, status: str) -> None:
     """Stop, Resume, Reset. They sit in the polling fragment, where a click reruns only the
     fragment: each one ends with a run of the whole page, which starts or ends the polling."""
-    a, b, c, _ = st.columns([1, 1, 1, 4])
+    row = st.container(horizontal=True)  # buttons as wide as their labels, wrapping on a phone
     running = status in ("queued", "running")
     can_resume = status == "stopped" and runner.record.iters < runner.train_config.max_iters
-    if a.button("Stop", disabled=not running, key=K + "stop"):
+    if row.button("Stop", disabled=not running, key=K + "stop"):
         runner.stop()
         runner.join(timeout=5)  # it stops between two steps
         st.rerun(scope="app")
-    if b.button("Resume", disabled=not can_resume, key=K + "resume"):
+    if row.button("Resume", disabled=not can_resume, key=K + "resume"):
         runner.start()
         st.rerun(scope="app")
-    if c.button("Reset", disabled=running, key=K + "reset",
+    if row.button("Reset", disabled=running, key=K + "reset",
                 help="Forget this run and set up a new one (a model already offered to the other views stays there)."):
         reset()
         st.rerun(scope="app")
@@ -315,7 +315,7 @@ def induction(p: Progress) -> None:
                                          "Previous-token score of each head", "weight (validation text)"),
                       "head_previous_token")
     widgets.chart(figures.step_line(iters, [row["icl_gap"] for row in p.head_scores], "In-context learning",
-                                    "loss on the first copy − on the second (nats)", "gap"), "icl_gap")
+                                    "first − second copy (nats)", "gap"), "icl_gap")
     found = p.induction_step()
     when = (f"At step {found:,} a head first scored {INDUCTION_AT} or more (the dashed line on the loss curve)."
             if found is not None else f"No head has scored {INDUCTION_AT} yet.")
@@ -340,11 +340,11 @@ def results(threads: SessionThreads) -> None:
     st.markdown(f"**{name}** is now in the sidebar's model list: open Attention, Activations or Sample to look "
                 "inside it.")
     weights, meta = runner.checkpoint_files()
-    a, b, _ = st.columns([1, 1, 3])
+    row = st.container(horizontal=True)  # a column a fifth of the page truncated these labels
     stem = name.replace(" ", "-")
-    a.download_button("Download weights (.safetensors)", weights, f"{stem}.safetensors", key=K + "dl_weights",
+    row.download_button("Download weights (.safetensors)", weights, f"{stem}.safetensors", key=K + "dl_weights",
                       on_click="ignore")
-    b.download_button("Download description (.json)", meta, f"{stem}.json", key=K + "dl_json", on_click="ignore")
+    row.download_button("Download description (.json)", meta, f"{stem}.json", key=K + "dl_json", on_click="ignore")
     st.caption("Keep both files together: upload them in the sidebar later to look at this model again.")
 
 
