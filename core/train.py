@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
                    help=f"muon: Muon for the blocks' weight matrices, AdamW for the rest (default: {defaults.optimizer})")
     t.add_argument("--muon-lr", type=float, default=None, help=f"Muon's peak learning rate (default: {defaults.muon_lr})")
+    t.add_argument("--muon-ns-steps", type=int, default=None,
+                   help=f"Newton-Schulz iterations of each Muon update (default: {defaults.muon_ns_steps})")
     t.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default: {defaults.weight_decay})")
     t.add_argument("--grad-clip", type=float, default=None,
                    help=f"clip the gradient norm to this; 0 is off (default: {defaults.grad_clip})")
@@ -170,7 +172,7 @@ TRAIN_OPTIONS = {"batch_size": "batch_size", "grad_accum_steps": "grad_accum_ste
                  "decay_frac": "decay_frac", "batch_ramp_iters": "batch_ramp_iters", "seq_ramp_iters": "seq_ramp_iters",
                  "weight_decay": "weight_decay", "grad_clip": "grad_clip", "eval_interval": "eval_interval",
                  "eval_iters": "eval_iters", "seed": "seed", "precision": "precision",
-                 "optimizer": "optimizer", "muon_lr": "muon_lr"}
+                 "optimizer": "optimizer", "muon_lr": "muon_lr", "muon_ns_steps": "muon_ns_steps"}
 
 
 def train_config(args, base: TrainConfig) -> TrainConfig:

@@ -62,9 +62,10 @@ class TrainConfig:
     # modded-nanogpt and nanochat do; both follow the one schedule.
     optimizer: str = "adamw"
     muon_lr: float = 0.02
+    muon_ns_steps: int = 5  # Newton-Schulz iterations of each Muon update: fewer are cheaper, less orthogonal
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters"):
+        for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters", "muon_ns_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -515,7 +516,7 @@ def _make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optim
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
                               betas=(cfg.beta1, cfg.beta2), fused=True)
-    return Optimizers([adamw, *([Muon(muon, lr=cfg.muon_lr)] if muon else [])])
+    return Optimizers([adamw, *([Muon(muon, lr=cfg.muon_lr, ns_steps=cfg.muon_ns_steps)] if muon else [])])
 
 
 def timing_trainer(model_config: GPTConfig, train_config: TrainConfig, max_iters: int) -> Trainer:

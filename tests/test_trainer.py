@@ -266,6 +266,7 @@ def test_a_ramped_run_trains_on_the_ramped_batches(tiny_corpus, monkeypatch):
     (dict(precision="float16"), "precision must be one of"),
     (dict(optimizer="sgd"), "optimizer must be one of"),
     (dict(muon_lr=0.0), "muon_lr must be a positive number"),
+    (dict(muon_ns_steps=0), "muon_ns_steps must be a positive integer"),
 ])
 def test_train_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -296,6 +297,14 @@ def test_muon_follows_the_schedule(tiny_corpus):
     lrs = {type(o).__name__: o.param_groups[0]["lr"] for o in trainer.optimizer.optimizers}
     scale = trainer.train_config.lr_at(0) / 2e-3
     assert lrs == pytest.approx({"AdamW": 2e-3 * scale, "Muon": 0.05 * scale})
+
+
+def test_fewer_newton_schulz_steps_are_less_orthogonal(tiny_corpus):
+    from core.trainer import _orthogonalize
+    g = torch.randn(16, 48, generator=torch.Generator().manual_seed(0))
+    error = {n: (_orthogonalize(g, n) @ _orthogonalize(g, n).T - torch.eye(16)).abs().max().item() for n in (1, 3, 5)}
+    assert error[5] < error[3] < error[1]
+    assert make(tiny_corpus, optimizer="muon", muon_ns_steps=3).optimizer.optimizers[1].param_groups[0]["ns_steps"] == 3
 
 
 def test_vocab_mismatch_is_refused(tiny_corpus):
