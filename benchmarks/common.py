@@ -41,7 +41,9 @@ def machine() -> dict:
                 if line.startswith("model name")), platform.processor())
     flags = _read("/proc/cpuinfo")
     isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f} " in flags]
-    return dict(cpu=cpu, isa=isa, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+    # The kernels torch picked: "AVX2" where ATEN_CPU_CAPABILITY=avx2 emulates an AVX2 machine.
+    return dict(cpu=cpu, isa=isa, kernels=torch.backends.cpu.get_cpu_capability(), cores=os.cpu_count(),
+                threads=torch.get_num_threads(), torch=torch.__version__,
                 python=platform.python_version(), date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 load_avg_1m=os.getloadavg()[0])
 

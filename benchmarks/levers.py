@@ -1,65 +1,127 @@
-"""Levers for loss per FLOP at nanoGPT's CPU shape: each candidate recipe trains in this one
-process, one after the other; every `--every` steps (untimed) it is judged on every 64-character
-window of the validation split. Prints, per candidate, the median ms a step, the training
-seconds to the first judgement <= 1.88 and the final loss.
+"""Levers for loss per FLOP at nanoGPT's CPU shape, each on top of the winning recipe
+(`python -m core.train --recipe fast`): a candidate is that recipe with a few options changed.
+The candidates train in this one process taking turns, `--every` steps each, so that a noisy
+neighbour slows all of them alike; after each turn (untimed) a candidate is judged on every
+64-character window of the validation split. Prints, per candidate, the median ms a step, the
+training seconds to the first judgement <= 1.88 and the final loss.
 
-    python -m benchmarks.levers [--settle S] [--every N] [--only NAME ...]
+`--evals` instead runs the recipe whole (Trainer.train, its own evaluations included) and times
+those evaluations: their share of the wall time.
+
+    python -m benchmarks.levers [--settle S] [--every N] [--only NAME ...] [--evals]
 """
 
 import argparse
 import statistics
 import sys
+import time
 
 import torch
 
 from benchmarks import common
-from benchmarks.time_to_quality import SHAPE, TARGET_LOSS, val_loss
+from benchmarks.time_to_quality import RECIPE, TARGET_LOSS, val_loss
 from core.data import Corpus
-from core.train import build_parser, model_config, train_config
+from core.train import model_config, parse_args, train_config
 from core.trainer import TrainConfig, Trainer
 
-BASE = "--batch-size 16 --max-iters 1200 --lr 2e-3 --min-lr 2e-4 --warmup-iters 100"
+# What each candidate changes in the recipe (Muon, batch 16, 500 steps, lr 2e-3 cosine to 2e-4,
+# warmup 100). The shapes keep the blocks' FLOPs of 4 x 128 (12 L C^2: 0.79M weights) within 3%.
 CANDIDATES = {
-    "project recipe (AdamW, cosine)": BASE,
-    "AdamW, 600 steps": BASE.replace("1200", "600"),
-    "muon 0.02, 600 steps": BASE.replace("1200", "600") + " --optimizer muon --muon-lr 0.02",
-    "muon 0.05, 600 steps": BASE.replace("1200", "600") + " --optimizer muon --muon-lr 0.05",
+    "recipe (cosine)": "",
+    "wsd, decay 0.2": "--schedule wsd --decay-frac 0.2",
+    "wsd, decay 0.4": "--schedule wsd --decay-frac 0.4",
+    "batch ramp 4->16 over 100": "--batch-ramp-iters 100",
+    "seq ramp 16->64 over 100": "--seq-ramp-iters 100",
+    "2 x 180": "--n-layer 2 --n-embd 180",
+    "8 x 92": "--n-layer 8 --n-embd 92",
+    "tied embeddings": "--tie-weights",
+    "400 steps": "--max-iters 400",
+    "400 steps, lr x1.5": "--max-iters 400 --lr 3e-3 --min-lr 3e-4 --muon-lr 0.03",
 }
 
 
-def run(corpus: Corpus, name: str, options: str, every: int, settle: float) -> dict:
-    args = build_parser().parse_args(f"{SHAPE} {options} --eval-interval 100000".split())
-    cfg = train_config(args, TrainConfig())
-    trainer = Trainer(model_config(args, corpus.tokenizer.vocab_size), cfg, corpus)
-    curve = []
+def build(corpus: Corpus, options: str) -> Trainer:
+    args = parse_args(f"{RECIPE} {options} --threads {torch.get_num_threads()}".split())
+    return Trainer(model_config(args, corpus.tokenizer.vocab_size), train_config(args, TrainConfig()), corpus)
+
+
+def levers(corpus: Corpus, names: list[str], every: int, settle: float) -> list[dict]:
+    """The candidates by turns; each turn's val loss on every window (untimed)."""
+    trainers = {name: build(corpus, CANDIDATES[name]) for name in names}
+    curves = {name: [] for name in names}
+    others = {name: [] for name in names}
+    while not all(t.done for t in trainers.values()):
+        for name, trainer in trainers.items():
+            if trainer.done:
+                continue
+            common.wait_for_quiet(settle)
+            with common.Busy() as busy:
+                trainer.run(every)
+            others[name].append(busy.others)
+            curves[name].append((trainer.record.iters, trainer.record.seconds, val_loss(trainer.model, corpus)))
+            print(f"  {name}: step {trainer.record.iters} val {curves[name][-1][2]:.4f} "
+                  f"({trainer.record.seconds:.1f} s)", file=sys.stderr, flush=True)
+    results = []
+    for name, trainer in trainers.items():
+        curve = curves[name]
+        ms = statistics.median(r["ms_per_iter"] for r in trainer.history)
+        first = next(((it, round(s, 1)) for it, s, v in curve if v <= TARGET_LOSS), None)
+        results.append(dict(name=name, options=CANDIDATES[name], ms_per_iter=ms, train_s=trainer.record.seconds,
+                            final_val=curve[-1][2], first_at=first, curve=[(it, round(v, 4)) for it, _, v in curve],
+                            others=statistics.mean(others[name])))
+        print(f"{name:<28} {ms:6.1f} ms/it  train {trainer.record.seconds:6.1f} s  final {curve[-1][2]:.4f}  "
+              f"<={TARGET_LOSS} at {first}  others {100 * results[-1]['others']:.0f}%", flush=True)
+    return results
+
+
+def eval_cost(corpus: Corpus, settle: float) -> dict:
+    """The recipe run whole, as `python -m core.train --recipe fast` runs it, with its own
+    evaluations timed: what they cost of the wall time."""
+    trainer = build(corpus, "")
+    spent = []
+    estimate = trainer.estimate_loss
+
+    def timed():
+        t0 = time.perf_counter()
+        out = estimate()
+        spent.append(time.perf_counter() - t0)
+        return out
+
+    trainer.estimate_loss = timed
     common.wait_for_quiet(settle)
     with common.Busy() as busy:
-        while not trainer.done:
-            trainer.run(every)
-            curve.append((trainer.record.iters, trainer.record.seconds, val_loss(trainer.model, corpus)))
-            print(f"  {name}: step {curve[-1][0]} val {curve[-1][2]:.4f} ({curve[-1][1]:.1f} s)", file=sys.stderr, flush=True)
-    ms = statistics.median(r["ms_per_iter"] for r in trainer.history if "ms_per_iter" in r)
-    first = next(((it, s) for it, s, v in curve if v <= TARGET_LOSS), None)
-    out = dict(name=name, options=options, ms_per_iter=ms, train_s=trainer.record.seconds, final_val=curve[-1][2],
-               first_at=first, curve=[(it, round(v, 4)) for it, _, v in curve], others=busy.others)
-    print(f"{name:<40} {ms:6.1f} ms/it  train {trainer.record.seconds:6.1f} s  final {curve[-1][2]:.4f}  "
-          f"<=1.88 at {first}  others {100 * busy.others:.0f}%", flush=True)
+        trainer.train()
+    out = dict(wall_s=busy.wall, evals=len(spent), eval_s=sum(spent), eval_ms=1000 * statistics.median(spent),
+               share=sum(spent) / busy.wall, train_s=trainer.record.seconds, val=val_loss(trainer.model, corpus),
+               others=busy.others)
+    print(f"recipe whole: {busy.wall:.1f} s, {len(spent)} evaluations {sum(spent):.2f} s "
+          f"({100 * out['share']:.1f}%, {out['eval_ms']:.0f} ms each), val {out['val']:.4f}, "
+          f"others {100 * busy.others:.0f}%", flush=True)
     return out
 
 
 def main() -> None:
     pick = argparse.ArgumentParser(add_help=False)
-    pick.add_argument("--only", nargs="+", help="candidates by name")
+    pick.add_argument("--only", nargs="+", choices=list(CANDIDATES), help="candidates by name")
     pick.add_argument("--every", type=int, default=100, help="steps between judgements (default: %(default)s)")
+    pick.add_argument("--evals", action="store_true", help="time the recipe's own evaluations instead")
     chosen, sys.argv[1:] = pick.parse_known_args()
     args = common.parse_args(__doc__)
-    args.every = chosen.every
     corpus = Corpus(common.shakespeare(), 64)
-    print(common.machine(), "bf16" if torch.cpu.get_capabilities().get("amx_bf16") else "", flush=True)
-    results = [run(corpus, n, o, args.every, args.settle) for n, o in CANDIDATES.items()
-               if not chosen.only or n in chosen.only]
-    common.report("Levers", [(r["name"], f"{r['final_val']:.4f}", f"{r['train_s']:.1f} s") for r in results],
-                  dict(benchmark="levers", machine=common.machine(), results=results))
+    machine = common.machine()
+    print(machine, flush=True)
+    if chosen.evals:
+        out = eval_cost(corpus, args.settle)
+        common.report("Evaluations during the recipe", [
+            ("wall time, evaluations included", f"{out['wall_s']:.1f}", "s"),
+            ("evaluations", f"{out['evals']}", f"{out['eval_ms']:.0f} ms each (median)"),
+            ("their share of the wall time", f"{100 * out['share']:.1f}", "%"),
+            ("other processes' share of the CPU", f"{100 * out['others']:.0f}", "%")],
+            dict(benchmark="levers", evals=out, machine=machine))
+        return
+    results = levers(corpus, chosen.only or list(CANDIDATES), chosen.every, args.settle)
+    common.report("Levers", [(r["name"], f"{r['final_val']:.4f}", f"{r['ms_per_iter']:.1f} ms/step") for r in results],
+                  dict(benchmark="levers", machine=machine, results=results))
 
 
 if __name__ == "__main__":

@@ -16,17 +16,13 @@ import torch
 from benchmarks import common
 from benchmarks.reference import NanoGPT, NanoRecipe, RefConfig, nanogpt_train
 from core.data import Corpus
-from core.train import build_parser, model_config, train_config
+from core.train import RECIPES, model_config, parse_args, train_config
 from core.trainer import TrainConfig, Trainer, _fast_bf16
 
 TARGET_LOSS = 1.88
 TARGET_TIME = 0.5  # at most this fraction of the reference's wall time
-SHAPE = "--preset layernorm --n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --dropout 0 --no-bias --activation gelu"
-# nanoGPT's recipe and the project's, as options of `python -m core.train`. The project's:
-# Muon for the blocks' matrices buys as much loss in a quarter of nanoGPT's steps.
-NANOGPT_RECIPE = "--batch-size 12 --max-iters 2000 --lr 1e-3 --min-lr 1e-4 --warmup-iters 100 --eval-interval 250 --eval-iters 20"
-RECIPE = ("--batch-size 16 --max-iters 500 --lr 2e-3 --min-lr 2e-4 --warmup-iters 100 --eval-interval 250 --eval-iters 20 "
-          "--optimizer muon --muon-lr 0.02")
+# nanoGPT's recipe and the project's (`python -m core.train --recipe fast`), as command-line options.
+NANOGPT_RECIPE, RECIPE = RECIPES["nanogpt"], RECIPES["fast"]
 
 
 @torch.no_grad()
@@ -71,14 +67,14 @@ def run_reference(corpus: Corpus, fraction: float, settle: float) -> dict:
 
 
 def run_project(text_corpus: Corpus, options: str, settle: float) -> dict:
-    args = build_parser().parse_args(f"{SHAPE} {options}".split())
+    args = parse_args(f"{options} --threads {torch.get_num_threads()}".split())  # as many as the reference's
     common.wait_for_quiet(settle)
     with common.Busy() as busy:
         trainer = Trainer(model_config(args, text_corpus.tokenizer.vocab_size), train_config(args, TrainConfig()),
                           text_corpus)
         trainer.train(on_eval=lambda losses: progress(f"  step {trainer.record.iters}: val {losses['val']:.4f}"))
     evals = [(row["iter"], round(row["val_loss"], 4)) for row in trainer.history if "val_loss" in row]
-    return dict(cli=f"python -m core.train {SHAPE} {options}", bf16=trainer.bf16, wall_s=busy.wall,
+    return dict(cli=f"python -m core.train {options}", bf16=trainer.bf16, wall_s=busy.wall,
                 own_val_loss=trainer.record.val_loss, val_loss=val_loss(trainer.model, text_corpus),
                 evals=evals, others_cpu_share=busy.others)
 

@@ -1,6 +1,7 @@
 """Train a GPT from the command line.
 
     python -m core.train --preset layernorm --max-iters 2000 --out runs/layernorm
+    python -m core.train --recipe fast --out runs/fast
     python -m core.train --out runs/layernorm --resume --max-iters 4000
     python -m core.train --preset full --out runs/layernorm --overwrite
     torchrun --standalone --nproc_per_node=2 -m core.train --preset layernorm --out runs/ddp
@@ -30,16 +31,30 @@ from .checkpoint import CheckpointError, foreign_file, load_checkpoint, paths, r
 from .data import Corpus, DataError, load_shakespeare, text_from_bytes
 from .model import PRESETS, GPTConfig
 from .tokenizer import CharTokenizer, UnknownCharactersError
-from .trainer import OPTIMIZERS, PRECISIONS, TrainConfig, Trainer
+from .trainer import OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig, Trainer
 
 SAVE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_PRESET = "layernorm"
 DIVERGED = 3  # the exit code of a run whose loss diverged
+# Named recipes: options that go before the ones given, so that those win (--recipe fast --max-iters 600).
+NANOGPT_SHAPE = ("--preset layernorm --n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --dropout 0 --no-bias "
+                 "--activation gelu")
+RECIPES = {
+    # nanoGPT's shakespeare_char recipe for a CPU (its README's), on this trainer.
+    "nanogpt": f"{NANOGPT_SHAPE} --batch-size 12 --max-iters 2000 --lr 1e-3 --min-lr 1e-4 --warmup-iters 100 "
+               "--eval-interval 250 --eval-iters 20",
+    # Val loss 1.88 on Tiny Shakespeare in the least wall time, on every CPU (benchmarks/README.md, goal 2).
+    "fast": f"{NANOGPT_SHAPE} --batch-size 16 --max-iters 500 --lr 2e-3 --min-lr 2e-4 --warmup-iters 100 "
+            "--eval-interval 250 --eval-iters 20 --optimizer muon --muon-lr 0.02",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m core.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=list(RECIPES),
+                   help="a named set of options, which the options given override: fast (val loss 1.88 on Tiny "
+                        "Shakespeare soonest), nanogpt (nanoGPT's CPU recipe)")
     m = p.add_argument_group("model (a lecture stage preset, then any size you override; with --resume, the checkpoint's)")
     m.add_argument("--preset", choices=list(PRESETS), help=f"lecture stage (default: {DEFAULT_PRESET})")
     m.add_argument("--n-layer", type=int, help="number of transformer blocks")
@@ -49,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dropout", type=float, help="dropout probability in [0, 1)")
     m.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None, help="biases in Linear and LayerNorm")
     m.add_argument("--activation", choices=["relu", "gelu"], help="MLP nonlinearity")
+    m.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="lm_head shares the token embedding matrix")
     t = p.add_argument_group("training (with --resume, an option left out keeps the checkpoint's value)")
     defaults = TrainConfig()
     t.add_argument("--max-iters", type=int, default=None, help=f"optimizer steps in all (default: {defaults.max_iters})")
@@ -59,9 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {defaults.learning_rate})")
     t.add_argument("--min-lr", type=float, default=None, help=f"learning rate at the end of the cosine decay (default: {defaults.min_lr})")
     t.add_argument("--warmup-iters", type=int, default=None, help=f"linear warmup steps (default: {defaults.warmup_iters})")
+    t.add_argument("--schedule", choices=list(SCHEDULES), default=None,
+                   help=f"after the warmup: cosine decay, or wsd: hold the lr, then a linear decay over the last "
+                        f"--decay-frac of the steps (default: {defaults.schedule})")
+    t.add_argument("--decay-frac", type=float, default=None,
+                   help=f"wsd: the share of the steps that decays (default: {defaults.decay_frac})")
+    t.add_argument("--batch-ramp-iters", type=int, default=None,
+                   help="grow the batch from a quarter of --batch-size to the whole over these first steps (default: 0, off)")
+    t.add_argument("--seq-ramp-iters", type=int, default=None,
+                   help="grow the sequences from a quarter of --block-size to the whole over these first steps "
+                        "(default: 0, off)")
     t.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
                    help=f"muon: Muon for the blocks' weight matrices, AdamW for the rest (default: {defaults.optimizer})")
     t.add_argument("--muon-lr", type=float, default=None, help=f"Muon's peak learning rate (default: {defaults.muon_lr})")
+    t.add_argument("--muon-ns-steps", type=int, default=None,
+                   help=f"Newton-Schulz iterations of each Muon update (default: {defaults.muon_ns_steps})")
     t.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default: {defaults.weight_decay})")
     t.add_argument("--grad-clip", type=float, default=None,
                    help=f"clip the gradient norm to this; 0 is off (default: {defaults.grad_clip})")
@@ -90,7 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SHAPE_OPTIONS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "activation")
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The options given, after those of the --recipe they name."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.recipe:
+        args = parser.parse_args([*shlex.split(RECIPES[args.recipe]), *argv])
+    return args
+
+
+SHAPE_OPTIONS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "activation", "tie_weights")
 STAGE_SWITCHES = ("attention", "feed_forward", "residual", "layer_norm")  # what makes a preset that stage
 
 
@@ -130,10 +168,11 @@ def check_out(args) -> None:
 
 # Training options and the TrainConfig fields they set (threads and device belong to the machine).
 TRAIN_OPTIONS = {"batch_size": "batch_size", "grad_accum_steps": "grad_accum_steps", "max_iters": "max_iters",
-                 "lr": "learning_rate", "min_lr": "min_lr", "warmup_iters": "warmup_iters",
+                 "lr": "learning_rate", "min_lr": "min_lr", "warmup_iters": "warmup_iters", "schedule": "schedule",
+                 "decay_frac": "decay_frac", "batch_ramp_iters": "batch_ramp_iters", "seq_ramp_iters": "seq_ramp_iters",
                  "weight_decay": "weight_decay", "grad_clip": "grad_clip", "eval_interval": "eval_interval",
                  "eval_iters": "eval_iters", "seed": "seed", "precision": "precision",
-                 "optimizer": "optimizer", "muon_lr": "muon_lr"}
+                 "optimizer": "optimizer", "muon_lr": "muon_lr", "muon_ns_steps": "muon_ns_steps"}
 
 
 def train_config(args, base: TrainConfig) -> TrainConfig:
@@ -176,7 +215,7 @@ def make_trainer(args) -> Trainer:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     launcher = ["python"]
     if "LOCAL_WORLD_SIZE" in os.environ:  # started by torchrun
         launcher = ["torchrun", f"--nnodes={os.environ.get('GROUP_WORLD_SIZE', 1)}",
@@ -200,7 +239,7 @@ def machine(device: torch.device) -> str:
 
 def run(args) -> int:
     # NAME, whichever of NAME, NAME.json or NAME.safetensors was given (never NAME.json.json).
-    args.out = str(paths(args.out or os.path.join("runs", args.preset or DEFAULT_PRESET))[1])[:-len(".json")]
+    args.out = str(paths(args.out or os.path.join("runs", args.recipe or args.preset or DEFAULT_PRESET))[1])[:-len(".json")]
     for note in Budgets.from_env().notes:
         print(f"note: setting ignored: {note}", file=sys.stderr)
     try:

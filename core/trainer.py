@@ -27,6 +27,7 @@ from .tokenizer import CharTokenizer
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclass
@@ -35,8 +36,16 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-steps whose gradients add up to one optimizer step
     max_iters: int = 2000
     learning_rate: float = 1e-3
-    min_lr: float = 1e-4  # the cosine schedule ends here
+    min_lr: float = 1e-4  # the schedule ends here
     warmup_iters: int = 100
+    # After the warmup, "cosine" decays to min_lr at max_iters; "wsd" (warmup-stable-decay)
+    # holds learning_rate, then decays linearly to min_lr over the last decay_frac of the steps.
+    schedule: str = "cosine"
+    decay_frac: float = 0.2
+    # Ramps: the batch size and the sequence length grow linearly from a quarter of theirs to the
+    # whole over the first so many steps (0: no ramp).
+    batch_ramp_iters: int = 0
+    seq_ramp_iters: int = 0
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -53,9 +62,10 @@ class TrainConfig:
     # modded-nanogpt and nanochat do; both follow the one schedule.
     optimizer: str = "adamw"
     muon_lr: float = 0.02
+    muon_ns_steps: int = 5  # Newton-Schulz iterations of each Muon update: fewer are cheaper, less orthogonal
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters"):
+        for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters", "muon_ns_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -63,8 +73,12 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
         if not 0 <= self.min_lr <= self.learning_rate:
             raise ValueError(f"min_lr must be between 0 and learning_rate ({self.learning_rate}), got {self.min_lr!r}")
-        if self.warmup_iters < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("warmup_iters, weight_decay and grad_clip must not be negative")
+        if min(self.warmup_iters, self.batch_ramp_iters, self.seq_ramp_iters, self.weight_decay, self.grad_clip) < 0:
+            raise ValueError("warmup_iters, the ramps, weight_decay and grad_clip must not be negative")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 <= self.decay_frac <= 1:
+            raise ValueError(f"decay_frac must be between 0 and 1, got {self.decay_frac!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads!r}")
         if self.device not in ("cpu", "cuda", "auto"):
@@ -85,13 +99,26 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def lr_at(self, it: int) -> float:
-        """Linear warmup, then cosine decay from learning_rate to min_lr at max_iters."""
+        """Linear warmup, then the schedule's decay from learning_rate to min_lr at max_iters."""
         if it < self.warmup_iters:
             return self.learning_rate * (it + 1) / (self.warmup_iters + 1)
         if it >= self.max_iters:
             return self.min_lr
-        progress = (it - self.warmup_iters) / max(1, self.max_iters - self.warmup_iters)
+        start = self.warmup_iters
+        if self.schedule == "wsd":
+            start = max(start, self.max_iters - round(self.decay_frac * self.max_iters))
+            if it < start:
+                return self.learning_rate
+        progress = (it - start) / max(1, self.max_iters - start)
+        if self.schedule == "wsd":
+            return self.learning_rate + progress * (self.min_lr - self.learning_rate)
         return self.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.learning_rate - self.min_lr)
+
+    def batch_at(self, it: int) -> int:
+        return _ramp(self.batch_size, it, self.batch_ramp_iters)
+
+    def seq_at(self, it: int, block_size: int) -> int:
+        return _ramp(block_size, it, self.seq_ramp_iters)
 
 
 @dataclass
@@ -154,7 +181,7 @@ class Trainer:
         if self.diverged:
             return []  # more steps on NaN weights cannot help
         self.stop_reason = None  # why an earlier call stopped; this call decides anew
-        losses, lrs, times = [], [], []
+        losses, lrs, tokens, times = [], [], [], []
         self.model.train()
         start_iter = self.record.iters
         t0 = time.perf_counter()
@@ -167,11 +194,12 @@ class Trainer:
                     break
                 torch.manual_seed(_step_seed(cfg.seed + self.rank, self.record.iters))
                 lrs.append(cfg.lr_at(self.record.iters))
-                losses.append(self._step(lrs[-1]))
+                tokens.append(self.tokens_at(self.record.iters))
+                losses.append(self._step(self.record.iters, lrs[-1]))
                 times.append(time.perf_counter())
                 self.record.iters += 1
-                self.record.tokens += self.tokens_per_step
-        rows = self._rows(start_iter, losses, lrs, t0, times)
+                self.record.tokens += tokens[-1]
+        rows = self._rows(start_iter, losses, lrs, tokens, t0, times)
         self.record.seconds += (times[-1] - t0) if times else 0.0
         self.history.extend(rows)
         limit = divergence_limit(self.config.vocab_size)
@@ -182,23 +210,23 @@ class Trainer:
             self.stop_reason = f"reached max_iters ({cfg.max_iters})"
         return rows
 
-    @property
-    def tokens_per_step(self) -> int:
-        """Tokens in one optimizer step, over every micro-step and every process."""
+    def tokens_at(self, it: int) -> int:
+        """Tokens in optimizer step `it`, over every micro-step and every process."""
         cfg = self.train_config
-        return cfg.batch_size * cfg.grad_accum_steps * self.world_size * self.config.block_size
+        return cfg.batch_at(it) * cfg.grad_accum_steps * self.world_size * cfg.seq_at(it, self.config.block_size)
 
-    def _step(self, lr: float) -> torch.Tensor:
-        """One optimizer step on grad_accum_steps training batches; returns their mean loss
+    def _step(self, it: int, lr: float) -> torch.Tensor:
+        """Optimizer step `it` on grad_accum_steps training batches; returns their mean loss
         (still on the device)."""
         cfg = self.train_config
+        batch, seq = cfg.batch_at(it), cfg.seq_at(it, self.config.block_size)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr / cfg.learning_rate
         self.optimizer.zero_grad(set_to_none=True)
         model = self.ddp if self.ddp is not None else self.model
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum_steps):
-            x, y = self.corpus.get_batch("train", cfg.batch_size, self.config.block_size, self.batch_rng)
+            x, y = self.corpus.get_batch("train", batch, seq, self.batch_rng)
             with self._grad_sync(micro == cfg.grad_accum_steps - 1):
                 with self._autocast():  # the forward only, as torch.autocast asks
                     _, loss = model(x.to(self.device), y.to(self.device))
@@ -217,17 +245,16 @@ class Trainer:
             return contextlib.nullcontext()
         return self.ddp.no_sync()
 
-    def _rows(self, start_iter, losses, lrs, t0, times) -> list[dict]:
+    def _rows(self, start_iter, losses, lrs, tokens, t0, times) -> list[dict]:
         # One collective per call: every rank logs the loss of all ranks' batches, and so
         # agrees on divergence and stops at the same step.
         values = mean_over_ranks(torch.stack(losses)).float().cpu().tolist() if losses else []
-        tokens_per_step = self.tokens_per_step
         rows, prev = [], t0
-        for i, (loss, lr, t) in enumerate(zip(values, lrs, times)):
+        for i, (loss, lr, n, t) in enumerate(zip(values, lrs, tokens, times)):
             dt = t - prev
             prev = t
             rows.append(dict(iter=start_iter + i + 1, loss=loss, lr=lr, ms_per_iter=1000 * dt,
-                             tokens_per_s=tokens_per_step / dt if dt > 0 else float("nan")))
+                             tokens_per_s=n / dt if dt > 0 else float("nan")))
         return rows
 
     @torch.no_grad()
@@ -334,6 +361,13 @@ class Trainer:
                 self.optimizer.state_of(params[pname])[key] = value.to(self.device)
 
 
+def _ramp(full: int, it: int, iters: int) -> int:
+    """A quarter of full at step 0, growing linearly to full at step iters."""
+    if it >= iters:
+        return full
+    return max(1, round(full * (1 + 3 * it / iters) / 4))
+
+
 def divergence_limit(vocab_size: int) -> float:
     """A loss above this means training diverged. Guessing uniformly scores ln(vocab_size), and
     every untrained model starts there (4.125-4.130 for every preset with 65 characters);
@@ -384,12 +418,14 @@ def _step_seed(seed: int, it: int) -> int:
 
 
 def _fast_bf16(device: torch.device) -> bool:
-    """A GPU, or a CPU with bfloat16 matmul instructions (AVX-512 BF16 or AMX). Elsewhere a CPU
-    emulates bfloat16, slower than float32."""
+    """A GPU, or a CPU with bfloat16 matmul instructions (AVX-512 BF16 or AMX) that torch may use:
+    ATEN_CPU_CAPABILITY=avx2 (with oneDNN held to AVX2, how an AVX2 machine is emulated) leaves
+    the instructions there but unused. Elsewhere a CPU emulates bfloat16, slower than float32."""
     if device.type == "cuda":
         return True
     caps = torch.cpu.get_capabilities()
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    usable = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return usable and bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def _pick_device(name: str) -> torch.device:
@@ -480,17 +516,22 @@ def _make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optim
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
                               betas=(cfg.beta1, cfg.beta2), fused=True)
-    return Optimizers([adamw, *([Muon(muon, lr=cfg.muon_lr)] if muon else [])])
+    return Optimizers([adamw, *([Muon(muon, lr=cfg.muon_lr, ns_steps=cfg.muon_ns_steps)] if muon else [])])
+
+
+def timing_trainer(model_config: GPTConfig, train_config: TrainConfig, max_iters: int) -> Trainer:
+    """A Trainer of this shape and these settings on random characters: to time, not to learn."""
+    chars = [chr(0x4E00 + i) for i in range(model_config.vocab_size)]  # any vocab_size distinct characters
+    ids = torch.randint(len(chars), (20 * (model_config.block_size + 1),), generator=torch.Generator().manual_seed(0))
+    corpus = Corpus("".join(chars[i] for i in ids.tolist()), model_config.block_size, CharTokenizer(chars))
+    return Trainer(model_config, replace(train_config, max_iters=max_iters), corpus)
 
 
 def time_step(model_config: GPTConfig, train_config: TrainConfig, budget_s: float = 0.5, steps: int = 5) -> float:
     """Milliseconds of one real optimizer step of this shape on this machine (Trainer._step: the
-    same autocast, clipping and fused AdamW as a training), on random characters. The median of
+    same autocast, clipping and optimizers as a training), on random characters. The median of
     up to `steps` steps after one to warm up, fewer once they take budget_s in all."""
-    chars = [chr(0x4E00 + i) for i in range(model_config.vocab_size)]  # any vocab_size distinct characters
-    ids = torch.randint(len(chars), (20 * (model_config.block_size + 1),), generator=torch.Generator().manual_seed(0))
-    corpus = Corpus("".join(chars[i] for i in ids.tolist()), model_config.block_size, CharTokenizer(chars))
-    trainer = Trainer(model_config, replace(train_config, max_iters=steps + 1), corpus)
+    trainer = timing_trainer(model_config, train_config, steps + 1)
     trainer.run(1)
     times, start = [], time.perf_counter()
     while len(times) < steps and (not times or time.perf_counter() - start < budget_s):

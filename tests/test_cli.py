@@ -235,3 +235,26 @@ def test_precision_option_reaches_the_train_config():
     parse = train.build_parser().parse_args
     assert train.train_config(parse([]), TrainConfig()).precision == TrainConfig().precision
     assert train.train_config(parse(["--precision", "float32"]), TrainConfig()).precision == "float32"
+
+
+def test_a_recipe_sets_its_options_and_the_options_given_win():
+    fast = train.parse_args(["--recipe", "fast"])
+    assert (fast.n_layer, fast.n_embd, fast.block_size, fast.optimizer, fast.max_iters) == (4, 128, 64, "muon", 500)
+    assert fast.bias is False and fast.activation == "gelu"
+    for argv in (["--recipe", "fast", "--max-iters", "600"], ["--max-iters", "600", "--recipe", "fast"]):
+        args = train.parse_args(argv)
+        assert args.max_iters == 600 and args.optimizer == "muon"  # wherever it stands, a given option wins
+    nanogpt = train.train_config(train.parse_args(["--recipe", "nanogpt"]), TrainConfig())
+    assert (nanogpt.batch_size, nanogpt.max_iters, nanogpt.learning_rate, nanogpt.optimizer) == (12, 2000, 1e-3, "adamw")
+    assert train.parse_args([]).optimizer is None  # no recipe: the defaults
+
+
+def test_train_with_a_recipe_in_a_real_process(text_file, tmp_path):
+    out = tmp_path / "fast"
+    done = python_m("core.train", "--recipe", "fast", "--data", text_file, "--out", out, "--max-iters", 6,
+                    "--eval-interval", 3, "--eval-iters", 1, "--threads", 1)
+    assert done.returncode == 0, done.stderr
+    m = meta(out)
+    assert m["model_config"]["n_embd"] == 128 and m["model_config"]["n_layer"] == 4
+    assert (m["train_config"]["optimizer"], m["train_config"]["max_iters"]) == ("muon", 6)
+    assert m["extra"]["command"].startswith("python -m core.train --recipe fast")

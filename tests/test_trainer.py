@@ -204,7 +204,53 @@ def test_learning_rate_schedule():
     assert TrainConfig(warmup_iters=0).lr_at(0) == pytest.approx(TrainConfig().learning_rate)
 
 
+def test_warmup_stable_decay_schedule():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110, schedule="wsd", decay_frac=0.2)
+    assert [cfg.lr_at(i) for i in range(10)] == [TrainConfig(**{**cfg.to_dict(), "schedule": "cosine"}).lr_at(i)
+                                                 for i in range(10)]  # the same warmup as cosine
+    assert all(cfg.lr_at(i) == 1e-3 for i in range(10, 88))  # held until the last 22 steps
+    decay = [cfg.lr_at(i) for i in range(88, 111)]
+    assert decay[0] == pytest.approx(1e-3) and decay[-1] == pytest.approx(1e-4)
+    assert all(a - b == pytest.approx(9e-4 / 22) for a, b in zip(decay, decay[1:]))  # a straight line down
+    assert cfg.lr_at(5000) == 1e-4
+    # A decay longer than what follows the warmup starts right after the warmup.
+    whole = TrainConfig(learning_rate=1e-3, min_lr=0.0, warmup_iters=10, max_iters=20, schedule="wsd", decay_frac=1.0)
+    assert whole.lr_at(10) == pytest.approx(1e-3) and whole.lr_at(15) == pytest.approx(5e-4)
+
+
+def test_the_ramps_grow_from_a_quarter_to_the_whole():
+    cfg = TrainConfig(batch_size=16, batch_ramp_iters=100, seq_ramp_iters=40)
+    assert [cfg.batch_at(i) for i in (0, 50, 99, 100, 1000)] == [4, 10, 16, 16, 16]
+    assert [cfg.seq_at(i, 64) for i in (0, 20, 39, 40)] == [16, 40, 63, 64]
+    assert TrainConfig(batch_size=2, batch_ramp_iters=10).batch_at(0) == 1  # never an empty batch
+    assert TrainConfig(batch_size=16).batch_at(0) == 16  # no ramp unless asked
+
+
+def test_a_ramped_run_trains_on_the_ramped_batches(tiny_corpus, monkeypatch):
+    trainer = make(tiny_corpus, batch_size=8, batch_ramp_iters=4, seq_ramp_iters=2, max_iters=6)
+    shapes = []
+    get_batch = tiny_corpus.get_batch
+
+    def spy(split, batch_size, block_size=None, generator=None):
+        x, y = get_batch(split, batch_size, block_size, generator)
+        shapes.append(tuple(x.shape))
+        return x, y
+
+    monkeypatch.setattr(tiny_corpus, "get_batch", spy)
+    rows = trainer.run(6)
+    T = trainer.config.block_size
+    cfg = trainer.train_config
+    assert shapes == [(cfg.batch_at(i), cfg.seq_at(i, T)) for i in range(6)]
+    assert shapes[0] == (2, T // 4) and shapes[-1] == (8, T)
+    assert trainer.record.tokens == sum(b * t for b, t in shapes)
+    assert all(r["tokens_per_s"] * r["ms_per_iter"] / 1000 == pytest.approx(b * t) for r, (b, t) in zip(rows, shapes))
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(schedule="linear"), "schedule must be one of"),
+    (dict(decay_frac=1.5), "decay_frac must be between 0 and 1"),
+    (dict(batch_ramp_iters=-1), "must not be negative"),
+    (dict(seq_ramp_iters=-1), "must not be negative"),
     (dict(batch_size=0), "batch_size must be a positive integer"),
     (dict(max_iters=-5), "max_iters must be a positive integer"),
     (dict(eval_interval=2.5), "eval_interval must be a positive integer"),
@@ -220,6 +266,7 @@ def test_learning_rate_schedule():
     (dict(precision="float16"), "precision must be one of"),
     (dict(optimizer="sgd"), "optimizer must be one of"),
     (dict(muon_lr=0.0), "muon_lr must be a positive number"),
+    (dict(muon_ns_steps=0), "muon_ns_steps must be a positive integer"),
 ])
 def test_train_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -252,6 +299,14 @@ def test_muon_follows_the_schedule(tiny_corpus):
     assert lrs == pytest.approx({"AdamW": 2e-3 * scale, "Muon": 0.05 * scale})
 
 
+def test_fewer_newton_schulz_steps_are_less_orthogonal(tiny_corpus):
+    from core.trainer import _orthogonalize
+    g = torch.randn(16, 48, generator=torch.Generator().manual_seed(0))
+    error = {n: (_orthogonalize(g, n) @ _orthogonalize(g, n).T - torch.eye(16)).abs().max().item() for n in (1, 3, 5)}
+    assert error[5] < error[3] < error[1]
+    assert make(tiny_corpus, optimizer="muon", muon_ns_steps=3).optimizer.optimizers[1].param_groups[0]["ns_steps"] == 3
+
+
 def test_vocab_mismatch_is_refused(tiny_corpus):
     with pytest.raises(ValueError, match="vocab_size"):
         Trainer(tiny_config(vocab_size=tiny_corpus.tokenizer.vocab_size + 1), TrainConfig(), tiny_corpus)
@@ -270,11 +325,15 @@ def test_bfloat16_trains_and_stays_inside_training(corpus):
 
 
 def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(tiny_corpus, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
     assert not make(tiny_corpus).bf16
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
     assert make(tiny_corpus).bf16
     assert not make(tiny_corpus, precision="float32").bf16
+    # ATEN_CPU_CAPABILITY=avx2 (an emulated AVX2 machine): the instructions are there, unused.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not make(tiny_corpus).bf16
 
 
 def test_the_step_estimate_times_the_real_training_step(shakespeare):
