@@ -27,7 +27,7 @@ from core.checkpoint import save_checkpoint
 from core.data import Corpus
 from core.trainer import Trainer
 from explorer.glue.sidebar import PRETRAINED_ENV
-from explorer.offpage.recipes import Settings, probe_ids
+from explorer.offpage.recipes import Settings, probe_ids, watch
 from explorer.offpage.training_run import TrainingRunner, TrainingSlots
 
 APP = Path(__file__).resolve().parent.parent / "explorer" / "app.py"
@@ -103,7 +103,7 @@ def runner_vs_trainer(text: str, steps: int, rounds: int, settle: float) -> dict
 
     def with_runner():
         runner = TrainingRunner(trainer(), TrainingSlots(1), probe_ids=probe_ids(corpus, settings.block_size),
-                                sample_every=max(100, settings.eval_interval))  # as the Train view builds it
+                                **watch(settings.eval_interval))  # as the Train view builds it
         runner.start()
         runner.join()
         assert runner.snapshot().status == "finished", runner.snapshot().message

@@ -1,14 +1,15 @@
-"""Levers for loss per FLOP at nanoGPT's CPU shape, each on top of the winning recipe
-(`python -m core.train --recipe fast`): a candidate is that recipe with a few options changed.
+"""Levers for loss per FLOP at nanoGPT's CPU shape, each on top of the winning recipe as it was
+before them (BASE): a candidate is that recipe with a few options changed.
 The candidates train in this one process taking turns, `--every` steps each, so that a noisy
 neighbour slows all of them alike; after each turn (untimed) a candidate is judged on every
 64-character window of the validation split. Prints, per candidate, the median ms a step, the
 training seconds to the first judgement <= 1.88 and the final loss.
 
-`--evals` instead runs the recipe whole (Trainer.train, its own evaluations included) and times
-those evaluations: their share of the wall time.
+`--evals` instead runs that recipe whole (Trainer.train, its own evaluations included) and times
+those evaluations: their share of the wall time. `--step-times` times a step of each candidate,
+paired: rounds of a few steps each, in turn (the ramps' steps are timed after their ramp).
 
-    python -m benchmarks.levers [--settle S] [--every N] [--only NAME ...] [--evals]
+    python -m benchmarks.levers [--settle S] [--every N] [--only NAME ...] [--evals | --step-times [--rounds R]]
 """
 
 import argparse
@@ -24,10 +25,12 @@ from core.data import Corpus
 from core.train import model_config, parse_args, train_config
 from core.trainer import TrainConfig, Trainer
 
-# What each candidate changes in the recipe (Muon, batch 16, 500 steps, lr 2e-3 cosine to 2e-4,
-# warmup 100). The shapes keep the blocks' FLOPs of 4 x 128 (12 L C^2: 0.79M weights) within 3%.
+# The recipe the levers were measured on: the fast recipe as it was before them (Muon, batch 16,
+# 500 steps, lr 2e-3 cosine to 2e-4, warmup 100). What each candidate changes in it follows; the
+# shapes keep the blocks' FLOPs of 4 x 128 (12 L C^2: 0.79M weights) within 3%.
+BASE = f"{RECIPE} --max-iters 500 --schedule cosine --eval-interval 250"
 CANDIDATES = {
-    "recipe (cosine)": "",
+    "base (cosine)": "",
     "wsd, decay 0.2": "--schedule wsd --decay-frac 0.2",
     "wsd, decay 0.4": "--schedule wsd --decay-frac 0.4",
     "batch ramp 4->16 over 100": "--batch-ramp-iters 100",
@@ -37,11 +40,18 @@ CANDIDATES = {
     "tied embeddings": "--tie-weights",
     "400 steps": "--max-iters 400",
     "400 steps, lr x1.5": "--max-iters 400 --lr 3e-3 --min-lr 3e-4 --muon-lr 0.03",
+    "muon, 3 Newton-Schulz steps": "--muon-ns-steps 3",
+    "batch 24, 350 steps": "--batch-size 24 --max-iters 350",
+    # The winners together, and fewer steps of them; "wsd 0.4, 450 steps" is the fast recipe now.
+    "2 x 180, wsd 0.4": "--n-layer 2 --n-embd 180 --schedule wsd --decay-frac 0.4",
+    "2 x 180, wsd 0.4, 450 steps": "--n-layer 2 --n-embd 180 --schedule wsd --decay-frac 0.4 --max-iters 450",
+    "wsd 0.4, 450 steps": "--schedule wsd --decay-frac 0.4 --max-iters 450",
+    "wsd 0.4, 450 steps, 3 Newton-Schulz steps": "--schedule wsd --decay-frac 0.4 --max-iters 450 --muon-ns-steps 3",
 }
 
 
 def build(corpus: Corpus, options: str) -> Trainer:
-    args = parse_args(f"{RECIPE} {options} --threads {torch.get_num_threads()}".split())
+    args = parse_args(f"{BASE} {options} --threads {torch.get_num_threads()}".split())
     return Trainer(model_config(args, corpus.tokenizer.vocab_size), train_config(args, TrainConfig()), corpus)
 
 
@@ -74,9 +84,20 @@ def levers(corpus: Corpus, names: list[str], every: int, settle: float) -> list[
     return results
 
 
+TURN = 5  # steps of each candidate in a round of --step-times
+
+
+def step_times(corpus: Corpus, names: list[str], settle: float, rounds: int = 8) -> common.Rounds:
+    """Seconds of TURN steps of each candidate, in paired rounds."""
+    trainers = {name: build(corpus, CANDIDATES[name]) for name in names}
+    for trainer in trainers.values():
+        trainer.run(max(1, trainer.train_config.batch_ramp_iters, trainer.train_config.seq_ramp_iters))  # warm
+    return common.interleave({name: (lambda t=t: t.run(TURN)) for name, t in trainers.items()}, rounds, settle)
+
+
 def eval_cost(corpus: Corpus, settle: float) -> dict:
-    """The recipe run whole, as `python -m core.train --recipe fast` runs it, with its own
-    evaluations timed: what they cost of the wall time."""
+    """The base recipe run whole, as the command line runs it, with its own evaluations timed:
+    what they cost of the wall time."""
     trainer = build(corpus, "")
     spent = []
     estimate = trainer.estimate_loss
@@ -105,6 +126,8 @@ def main() -> None:
     pick.add_argument("--only", nargs="+", choices=list(CANDIDATES), help="candidates by name")
     pick.add_argument("--every", type=int, default=100, help="steps between judgements (default: %(default)s)")
     pick.add_argument("--evals", action="store_true", help="time the recipe's own evaluations instead")
+    pick.add_argument("--step-times", action="store_true", help="time a step of each candidate instead, paired")
+    pick.add_argument("--rounds", type=int, default=8, help="rounds of --step-times (default: %(default)s)")
     chosen, sys.argv[1:] = pick.parse_known_args()
     args = common.parse_args(__doc__)
     corpus = Corpus(common.shakespeare(), 64)
@@ -119,7 +142,16 @@ def main() -> None:
             ("other processes' share of the CPU", f"{100 * out['others']:.0f}", "%")],
             dict(benchmark="levers", evals=out, machine=machine))
         return
-    results = levers(corpus, chosen.only or list(CANDIDATES), chosen.every, args.settle)
+    names = chosen.only or list(CANDIDATES)
+    if chosen.step_times:
+        timed = step_times(corpus, names, args.settle, chosen.rounds)
+        ms = {name: 1000 * timed.median(name) / TURN for name in names}
+        ratio = {name: 1 / timed.speedup(name, names[0]) for name in names}
+        common.report("A step of each candidate (paired rounds)",
+                      [(name, f"{ms[name]:.1f} ms", f"{ratio[name]:.2f}x the first's") for name in names] + [timed.row()],
+                      dict(benchmark="levers", ms_per_step=ms, vs_first=ratio, rounds=timed.summary(), machine=machine))
+        return
+    results = levers(corpus, names, chosen.every, args.settle)
     common.report("Levers", [(r["name"], f"{r['final_val']:.4f}", f"{r['ms_per_iter']:.1f} ms/step") for r in results],
                   dict(benchmark="levers", machine=machine, results=results))
 

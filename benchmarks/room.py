@@ -40,7 +40,7 @@ from benchmarks.load import (
     warm_up,
 )
 from core.data import CACHE_DIR, DATA_ENV, load_shakespeare
-from explorer.offpage.recipes import RECIPES, make_trainer, probe_ids
+from explorer.offpage.recipes import RECIPES, make_trainer, probe_ids, watch
 from explorer.offpage.training_run import TrainingRunner, TrainingSlots
 
 RECIPE = "Room (everyone at once)"
@@ -59,7 +59,7 @@ def training_cpu_s() -> float:
     settings = RECIPES[RECIPE][1]
     trainer = make_trainer(settings, None, lambda block_size: Corpus(load_shakespeare(), block_size))
     runner = TrainingRunner(trainer, TrainingSlots(1), probe_ids=probe_ids(trainer.corpus, settings.block_size),
-                            sample_every=max(100, settings.eval_interval))
+                            **watch(settings.eval_interval))
     t0 = time.process_time()
     runner.start()
     runner.join()

@@ -44,8 +44,8 @@ RECIPES = {
     "nanogpt": f"{NANOGPT_SHAPE} --batch-size 12 --max-iters 2000 --lr 1e-3 --min-lr 1e-4 --warmup-iters 100 "
                "--eval-interval 250 --eval-iters 20",
     # Val loss 1.88 on Tiny Shakespeare in the least wall time, on every CPU (benchmarks/README.md, goal 2).
-    "fast": f"{NANOGPT_SHAPE} --batch-size 16 --max-iters 500 --lr 2e-3 --min-lr 2e-4 --warmup-iters 100 "
-            "--eval-interval 250 --eval-iters 20 --optimizer muon --muon-lr 0.02",
+    "fast": f"{NANOGPT_SHAPE} --batch-size 16 --max-iters 450 --lr 2e-3 --min-lr 2e-4 --warmup-iters 100 "
+            "--schedule wsd --decay-frac 0.4 --eval-interval 450 --eval-iters 20 --optimizer muon --muon-lr 0.02",
 }
 
 

@@ -239,8 +239,8 @@ def test_precision_option_reaches_the_train_config():
 
 def test_a_recipe_sets_its_options_and_the_options_given_win():
     fast = train.parse_args(["--recipe", "fast"])
-    assert (fast.n_layer, fast.n_embd, fast.block_size, fast.optimizer, fast.max_iters) == (4, 128, 64, "muon", 500)
-    assert fast.bias is False and fast.activation == "gelu"
+    assert (fast.n_layer, fast.n_embd, fast.block_size, fast.optimizer, fast.max_iters) == (4, 128, 64, "muon", 450)
+    assert fast.schedule == "wsd" and fast.bias is False and fast.activation == "gelu"
     for argv in (["--recipe", "fast", "--max-iters", "600"], ["--max-iters", "600", "--recipe", "fast"]):
         args = train.parse_args(argv)
         assert args.max_iters == 600 and args.optimizer == "muon"  # wherever it stands, a given option wins

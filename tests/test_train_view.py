@@ -5,6 +5,7 @@ AppTest gives every instance the same session id; to have several browser sessio
 switch the id that session-scoped caches see before each run (`as_session`).
 """
 
+import re
 import threading
 from pathlib import Path
 
@@ -227,3 +228,21 @@ def test_the_induction_recipe_picks_its_text_and_another_recipe_gives_it_back():
     at.selectbox(key="train_recipe").set_value("1-minute demo").run()
     assert at.radio(key="train_source").value == "Tiny Shakespeare"
     assert not at.exception
+
+
+def test_the_1_minute_demo_is_sized_from_this_servers_costs_until_the_steps_are_set_by_hand():
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.run()
+    at.switch_page("views/training.py").run()
+    assert at.selectbox(key="train_recipe").value == "1-minute demo"  # the default recipe
+    assert at.selectbox(key="train_optimizer").value == "muon"
+    assert rerun_until(at, lambda a: "sized to 60 s here" in a.info[0].value)
+    steps = at.number_input(key="train_max_iters").value
+    said = re.search(r"about (\d+) s for ([\d,]+) steps with their evaluations and samples", at.info[0].value)
+    assert said and int(said[2].replace(",", "")) == steps and steps % 10 == 0
+    assert 50 <= int(said[1]) <= 60  # the most steps that fit: within a few steps of the minute
+    at.number_input(key="train_max_iters").set_value(steps + 100).run()  # the user's own steps stay theirs
+    at.run()
+    assert at.number_input(key="train_max_iters").value == steps + 100 and "sized" not in at.info[0].value
+    at.selectbox(key="train_recipe").set_value("Room (everyone at once)").run()
+    assert at.number_input(key="train_max_iters").value == 400 and "sized" not in at.info[0].value

@@ -22,7 +22,7 @@ from explorer.glue.session import session_threads
 from explorer.glue.train_setup import shakespeare_corpus, training_slots
 from explorer.glue.widgets import PROMPT, escape_markdown
 from explorer.offpage.classroom import MAX_NAME, OWN_TEXT, Entry, EvalReporter, Participant, Room, RoomError, open_room, room_dir, watcher
-from explorer.offpage.recipes import Settings, probe_ids
+from explorer.offpage.recipes import Settings, probe_ids, watch
 from explorer.offpage.training_run import TrainingRunner
 
 TOKEN_ENV = "GPT_EXPLORER_TEACHER_TOKEN"
@@ -171,7 +171,7 @@ def resume(training: int) -> None:
     limits, _ = r.limits()
     # A resumed training runs in the server's process (its optimizer state is on this machine's disk).
     runner = TrainingRunner(trainer, training_slots(limits.workers, limits.max_trainings), probe_ids=probe_ids(corpus, block_size),
-                            sample_every=max(100, trainer.train_config.eval_interval), name=entry.run)
+                            **watch(trainer.train_config.eval_interval), name=entry.run)
     r.set_status(training, "queued", note=f"resumed at step {trainer.record.iters:,}")
     follow(training, runner)
     threads.runner, threads.published = runner, 0

@@ -8,9 +8,8 @@ import streamlit as st
 
 from core import CharTokenizer, stage_of
 from core.data import Corpus, load_shakespeare
-from core.trainer import time_step
-from explorer.offpage.recipes import Limits, Settings, every_line_twice, make_trainer, probe_ids, read_limits
-from explorer.offpage.step_times import StepTimes
+from explorer.offpage.recipes import Limits, Settings, every_line_twice, make_trainer, probe_ids, read_limits, watch
+from explorer.offpage.step_times import Costs, StepTimes, measure
 from explorer.offpage.training_run import Runner, TrainingRunner, TrainingSlots
 
 
@@ -49,7 +48,7 @@ def new_runner(settings: Settings, text: str | None, limits: Limits, run: int) -
     """A runner for the form's settings on a text (None: Tiny Shakespeare), not yet started.
     Raises ValueError (DataError, bad settings) with a message for the user."""
     slots = training_slots(limits.workers, limits.max_trainings)
-    watch = dict(sample_every=max(100, settings.eval_interval))
+    watching = watch(settings.eval_interval)
     if limits.workers == "ray":
         from explorer.offpage import ray_training  # a server on threads never imports Ray
 
@@ -57,14 +56,14 @@ def new_runner(settings: Settings, text: str | None, limits: Limits, run: int) -
         vocab_size = tokenizer.vocab_size
         name = f"{stage_of(settings.model_config(vocab_size))} run {run}"
         runner = ray_training.RayTrainingRunner(settings, text, vocab_size, slots, name, step_ms(settings, vocab_size),
-                                                **watch)  # starts Ray with the server's first training
+                                                **watching)  # starts Ray with the server's first training
         if limits.max_trainings is None:
             slots.resize(ray_training.cluster_cpus())  # machines may have joined since the last training
         return runner
     trainer = make_trainer(settings, text, shakespeare_corpus)
     vocab_size = trainer.corpus.tokenizer.vocab_size
     return TrainingRunner(trainer, slots, probe_ids=probe_ids(trainer.corpus, settings.block_size),
-                          name=f"{stage_of(trainer.config)} run {run}", step_ms=step_ms(settings, vocab_size), **watch)
+                          name=f"{stage_of(trainer.config)} run {run}", step_ms=step_ms(settings, vocab_size), **watching)
 
 
 @st.cache_resource
@@ -72,8 +71,16 @@ def _step_times() -> StepTimes:
     return StepTimes()
 
 
+def costs(settings: Settings, vocab_size: int) -> Costs | None:
+    """What a live training of these settings costs on this server (a step, an evaluation, a
+    sample and snapshot: explorer/offpage/step_times.py); None while it is being measured."""
+    # Only the shape, the batch and the optimizer change these costs: not the steps, nor the rates.
+    key = repr((settings.model_config(vocab_size), settings.batch_size, settings.optimizer))
+    return _step_times().get(key, lambda: measure(settings, vocab_size))
+
+
 def step_ms(settings: Settings, vocab_size: int) -> float | None:
-    """Milliseconds of one real training step of these settings on this server (see
-    core.trainer.time_step); None while it is being measured."""
-    key = (settings.model_config(vocab_size), settings.train_config())
-    return _step_times().get(repr(key), lambda: time_step(*key))
+    """Milliseconds of one real training step of these settings on this server; None while it is
+    being measured."""
+    measured = costs(settings, vocab_size)
+    return None if measured is None else measured.step_ms

@@ -21,7 +21,7 @@ import torch
 from core import GPT, CharTokenizer, GPTConfig
 from core.budget import MAX_ENV, Budgets, env_int
 from core.data import Corpus
-from core.trainer import TrainConfig, Trainer
+from core.trainer import OPTIMIZERS, TrainConfig, Trainer
 
 PROBE = "First Citizen:\nBefore we proceed any further, hear me speak."
 # A text where copying from the context pays: Tiny Shakespeare with every line written twice in a row.
@@ -71,6 +71,7 @@ class Settings:
     batch_size: int = 16
     learning_rate: float = 3e-3
     eval_interval: int = 100
+    optimizer: str = OPTIMIZERS[0]  # "muon": Muon for the blocks' matrices, AdamW (at learning_rate) for the rest
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig.from_preset(self.preset, vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head,
@@ -79,12 +80,22 @@ class Settings:
     def train_config(self) -> TrainConfig:
         return TrainConfig(batch_size=self.batch_size, max_iters=self.max_iters, learning_rate=self.learning_rate,
                            min_lr=self.learning_rate / 10, warmup_iters=min(100, self.max_iters // 10),
-                           eval_interval=self.eval_interval, eval_iters=10, device="auto")
+                           eval_interval=self.eval_interval, eval_iters=10, device="auto", optimizer=self.optimizer)
 
 
-# Named starting points that make sense on a shared CPU; each sets the whole form.
+def watch(eval_interval: int) -> dict:
+    """How a live training is watched (LiveTraining's options): a sample at every evaluation, at
+    most one every 100 steps."""
+    return dict(sample_every=max(100, eval_interval))
+
+
+# Named starting points that make sense on a shared CPU; each sets the whole form. (A timed recipe's
+# max_iters holds only until the server's costs are measured: see RECIPE_SECONDS.)
 RECIPES: dict[str, tuple[str, Settings]] = {
-    "1-minute demo": ("A 4-block model with LayerNorm: watch the loss fall and the heads form.", Settings()),
+    "1-minute demo": ("A 4-block model with LayerNorm, trained with Muon, its steps sized to take about a minute on "
+                      "this server, evaluations and samples included: watch the loss fall and the heads form. A minute "
+                      "on a 2-core Xeon bought val loss 1.70 (benchmarks/README.md).",
+                      Settings(eval_interval=200, optimizer="muon")),
     "Bigram in seconds": ("The lecture's first model: a lookup table, trained in seconds.",
                           Settings(preset="bigram", n_layer=1, n_head=1, max_iters=1000, batch_size=32,
                                    learning_rate=1e-2)),
@@ -93,9 +104,9 @@ RECIPES: dict[str, tuple[str, Settings]] = {
         "different stage, then compare the val losses.",
         Settings(preset="one_head", n_layer=1, n_head=1, max_iters=1000, batch_size=32)),
     "Room (everyone at once)": (
-        "A small model for a whole room training together: a few hundred steps each, so thirty "
+        "A small model for a whole room training together, with Muon: a few hundred steps each, so thirty "
         "participants on a small server are all done within minutes.",
-        Settings(n_layer=2, n_head=2, n_embd=32, block_size=32, max_iters=400, batch_size=16)),
+        Settings(n_layer=2, n_head=2, n_embd=32, block_size=32, max_iters=400, batch_size=16, optimizer="muon")),
     "Longer run (about 10 minutes)": ("More steps and a wider model: readable Shakespeare-like text.",
                                       Settings(n_embd=128, max_iters=4000, batch_size=16, learning_rate=2e-3,
                                                eval_interval=250)),
@@ -105,6 +116,9 @@ RECIPES: dict[str, tuple[str, Settings]] = {
         Settings(n_layer=2, block_size=128, max_iters=4000, eval_interval=250)),
 }
 RECIPE_TEXTS = {"Induction heads (a few minutes)": TWICE}  # the text a recipe trains on, where not the form's
+# The seconds a recipe's training should take, evaluations and samples included: its steps are sized
+# from what a step, an evaluation and a sample of its shape cost on the server (step_times.py).
+RECIPE_SECONDS = {"1-minute demo": 60.0}
 
 
 def every_line_twice(text: str) -> str:

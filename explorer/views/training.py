@@ -13,12 +13,14 @@ import torch
 from core import PRESETS
 from core.data import DataError, check_length, text_from_bytes
 from core.lens import head_stats
+from core.trainer import OPTIMIZERS
 from explorer.glue import room_glue, widgets
 from explorer.glue.session import SessionThreads, session_threads
-from explorer.glue.train_setup import new_runner, shakespeare_twice, step_ms, training_slots
+from explorer.glue.train_setup import costs, new_runner, shakespeare_twice, training_slots
 from explorer.offpage import figures
 from explorer.offpage.classroom import RoomError
-from explorer.offpage.recipes import RECIPE_TEXTS, RECIPES, TWICE, Settings, count_params
+from explorer.offpage.recipes import RECIPE_SECONDS, RECIPE_TEXTS, RECIPES, TWICE, Settings, count_params
+from explorer.offpage.step_times import fit_steps, run_seconds
 from explorer.offpage.training_run import INDUCTION_AT, Progress, Runner, TrainingSlots
 
 SOURCES = ("Tiny Shakespeare", "Upload a .txt file", "Paste text", TWICE)
@@ -26,6 +28,8 @@ LEARNING_RATES = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0, 10.0)  # 
 K = "train_"  # widget keys of this view
 ERROR = K + "error"
 HELD = K + "snapshot_held"  # the user picked an older snapshot: stop following the newest
+SIZED = K + "sized_steps"  # the steps a timed recipe last set: the user's own once they differ
+SHAKESPEARE_VOCAB = 65
 
 
 def train_view() -> None:
@@ -49,6 +53,7 @@ def apply_recipe() -> None:
     recipe = st.session_state[K + "recipe"]
     for name, value in vars(RECIPES[recipe][1]).items():
         st.session_state[K + name] = value
+    st.session_state[SIZED] = st.session_state[K + "max_iters"]
     if recipe in RECIPE_TEXTS:
         st.session_state[K + "source"] = RECIPE_TEXTS[recipe]
     elif st.session_state.get(K + "source") in RECIPE_TEXTS.values():  # another recipe's text, not the user's
@@ -64,6 +69,7 @@ def setup(limits, slots: TrainingSlots) -> None:
     recipe = st.selectbox("Recipe", list(RECIPES), key=K + "recipe", on_change=apply_recipe)
     st.caption(RECIPES[recipe][0])
     data_box(limits)
+    size_recipe(limits)
     left, right = st.columns(2)
     with left:
         st.subheader("Model")
@@ -81,6 +87,9 @@ def setup(limits, slots: TrainingSlots) -> None:
         b.number_input("Batch size", 1, 128, key=K + "batch_size")
         a.select_slider("Learning rate", LEARNING_RATES, key=K + "learning_rate")
         b.number_input("Evaluate every", 10, 5000, step=50, key=K + "eval_interval")
+        a.selectbox("Optimizer", OPTIMIZERS, key=K + "optimizer",
+                    help="muon: Muon for the blocks' weight matrices (the learning rate is AdamW's, for the rest): "
+                         "the same loss in fewer steps")
     settings = current_settings()
     ready = estimate(settings, limits)
     room_line(slots)
@@ -88,6 +97,29 @@ def setup(limits, slots: TrainingSlots) -> None:
         st.error(st.session_state[ERROR])
     room_glue.name_box()
     st.button("Start", type="primary", disabled=not ready, on_click=start, args=(limits,), key=K + "start")
+
+
+def size_recipe(limits) -> None:
+    """A timed recipe's steps, from what a training costs on this server, for as long as the steps
+    are the recipe's (not the user's own)."""
+    seconds = RECIPE_SECONDS.get(st.session_state[K + "recipe"])
+    if seconds is None or st.session_state[K + "max_iters"] != st.session_state.get(SIZED):
+        return
+    settings = current_settings()
+    try:
+        vocab, n_params = form_model(settings, limits)
+    except ValueError:  # no text yet, impossible settings: estimate() says why
+        return
+    if n_params > limits.max_params:
+        return  # never time a model this server refuses
+    measured = costs(settings, vocab)
+    if measured is not None and measured.known:  # else being measured: the estimate reruns the page when done
+        st.session_state[K + "max_iters"] = st.session_state[SIZED] = fit_steps(measured, settings, seconds,
+                                                                                 limits.max_iters)
+
+
+def vocab_size(text: str | None) -> int:
+    return len(set(text)) if text is not None else SHAKESPEARE_VOCAB
 
 
 def data_box(limits) -> None:
@@ -125,46 +157,53 @@ def current_text(limits) -> str | None:
     return None
 
 
+def form_model(settings: Settings, limits) -> tuple[int, int]:
+    """The vocabulary size and the parameter count of the form's model; ValueError (DataError,
+    impossible settings) says why there is none."""
+    text = current_text(limits)
+    if text is not None:
+        check_length(text, settings.block_size)
+    vocab = vocab_size(text)
+    settings.train_config()
+    return vocab, count_params(settings.model_config(vocab))
+
+
 def estimate(settings: Settings, limits) -> bool:
     """Show parameters and time before the start; False (with the reason shown) if it cannot start."""
     try:
-        text = current_text(limits)
-        if text is not None:
-            check_length(text, settings.block_size)
-        vocab_size = len(set(text)) if text is not None else 65
-        config = settings.model_config(vocab_size)
-        settings.train_config()
+        vocab, n = form_model(settings, limits)
     except ValueError as e:  # DataError and impossible settings alike
         st.warning(str(e))
         return False
-    n = count_params(config)
     if n > limits.max_params:
         st.error(f"This model has {n:,} parameters; this server allows at most {limits.max_params:,}. "
                  "Make it smaller (fewer blocks, a smaller embedding).")
         return False
-    time_estimate(settings, vocab_size, n)
+    time_estimate(settings, vocab, n)
     return True
 
 
-def time_estimate(settings: Settings, vocab_size: int, n_params: int) -> None:
+def time_estimate(settings: Settings, vocab: int, n_params: int) -> None:
     """The parameter count at once, the time once a few real steps of this shape have been timed
     (on a background thread: a large shape's steps take seconds)."""
-    pending = step_ms(settings, vocab_size) is None
+    pending = costs(settings, vocab) is None
 
     @st.fragment(run_every=0.5 if pending else None)
     def line() -> None:
-        ms = step_ms(settings, vocab_size)
-        if ms is None:
+        measured = costs(settings, vocab)
+        if measured is None:
             st.info(f"{n_params:,} parameters · timing a few steps of this shape on this server…")
             return
         if pending:
             st.rerun(scope="app")  # measured: draw the page once more, which ends this poll
-        if ms != ms:  # NaN: the steps could not run here
+        if not measured.known:
             st.info(f"{n_params:,} parameters · a step of this shape could not be timed on this server.")
             return
-        total = ms * settings.max_iters / 1000
-        st.info(f"{n_params:,} parameters · about {ms / 10:.1f} s per 100 steps on this server when it is not "
-                f"busy · about {_duration(total)} for {settings.max_iters:,} steps, plus evaluations.")
+        seconds = RECIPE_SECONDS.get(st.session_state[K + "recipe"])
+        sized = f", sized to {_duration(seconds)} here" if seconds and settings.max_iters == st.session_state.get(SIZED) else ""
+        st.info(f"{n_params:,} parameters · about {measured.step_ms / 10:.1f} s per 100 steps on this server when it "
+                f"is not busy · about {_duration(run_seconds(measured, settings))} for {settings.max_iters:,} steps "
+                f"with their evaluations and samples{sized}.")
 
     line()
 
