@@ -77,4 +77,7 @@ def app_server(tiny_checkpoint, monkeypatch):
     st.cache_resource.clear()
     yield
     st.cache_resource.clear()  # releases every session's threads: they are asked to stop
+    # The server's step timer is not a session's: it ends once the measurement under way is done
+    # (a few steps, an evaluation and a sample of the last shape asked for: slow on a busy machine).
+    assert wait_for(lambda: "gpt-explorer-step-timer" not in {t.name for t in threading.enumerate()}, timeout=120)
     assert wait_for(no_more_threads_than(before), timeout=30), threading.enumerate()
