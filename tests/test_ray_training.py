@@ -20,8 +20,8 @@ ray = pytest.importorskip("ray")
 from explorer.offpage import ray_training  # noqa: E402  (needs ray)
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 30
-SETTINGS = Settings(preset="layernorm", n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=200,
-                    eval_interval=50)
+SETTINGS = Settings(preset="layernorm", n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=1000,
+                    eval_interval=50)  # long enough for a stop to land: a warm host trains 200 steps within a poll
 WATCH = dict(sample_every=50, snapshot_every=25, sample_chars=20)
 VOCAB = CharTokenizer.from_text(TEXT).vocab_size
 TIMEOUT = 120  # a worker's first start imports torch on a busy machine
