@@ -53,9 +53,10 @@ class GPTConfig:
     # nanoGPT's shape options.
     activation: str = "relu"  # the lecture uses ReLU, nanoGPT GELU
     tie_weights: bool = False  # lm_head shares the token embedding matrix
+    mlp_ratio: int = 4  # the feed-forward layer's inner size, in multiples of n_embd (the lecture's 4)
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -79,8 +80,9 @@ class GPTConfig:
 
     @property
     def mlp_size(self) -> int:
-        """The feed-forward layer's inner size: n_embd until the residual stage makes it 4x."""
-        return 4 * self.n_embd if self.residual else self.n_embd
+        """The feed-forward layer's inner size: n_embd until the residual stage makes it 4x
+        (mlp_ratio)."""
+        return self.mlp_ratio * self.n_embd if self.residual else self.n_embd
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -193,10 +195,20 @@ class CausalSelfAttention(nn.Module):
         step = kv.step
         if isinstance(step.write, slice):  # one row: a plain copy
             kv.k[:, :, step.write], kv.v[:, :, step.write] = k.detach(), v.detach()  # no grad for sampling
-        else:
-            kv.k.scatter_(2, step.write, k.detach())
-            kv.v.scatter_(2, step.write, v.detach())
+        else:  # rows of their own lengths: each (row, head, position)'s vector by its index
+            kv.k.view(-1, self.head_size).index_copy_(0, step.write, k.detach().reshape(-1, self.head_size))
+            kv.v.view(-1, self.head_size).index_copy_(0, step.write, v.detach().reshape(-1, self.head_size))
+        if step.bias is not None:
+            return self._one_query(q, kv.k, kv.v, step.bias)
         return _attention(q, kv.k[:, :, :step.end], kv.v[:, :, :step.end], attn_mask=step.mask, is_causal=step.causal)
+
+    def _one_query(self, q, k, v, bias: torch.Tensor) -> torch.Tensor:
+        """A batched sampling step (one new position a row, B > 1) over the whole cache, the
+        keys a row may not see set to -inf by `bias`: with so little work a matrix, the fused
+        kernel and the matmuls over a slice of the cache are slower than these over all of it
+        (benchmarks/README.md, the room)."""
+        wei = q @ k.transpose(-2, -1) * self.head_size**-0.5 + bias  # (B, nh, 1, block_size)
+        return F.softmax(wei, dim=-1) @ v
 
 
 class FeedForward(nn.Module):
@@ -390,9 +402,10 @@ class KVStep:
     every layer, so worked out once a forward."""
     positions: torch.Tensor  # (B, T)
     end: int  # keys 0..end-1 are read
-    write: slice | torch.Tensor  # the positions (one row), or a scatter index (B, nh, T, hs)
+    write: slice | torch.Tensor  # the positions (one row), or each (row, head, position)'s index in the cache
     mask: torch.Tensor | None  # (B, 1, T, end): the keys up to each query, where rows differ
-    causal: bool  # one row from an empty cache: the lecture's triangle, no mask needed
+    causal: bool  # rows from an empty cache: the lecture's triangle, no mask needed
+    bias: torch.Tensor | None = None  # a batched one-position step: 0 where mask, else -inf
 
 
 @dataclass
@@ -435,14 +448,20 @@ class KVCache:
         else:
             positions = self.lengths[:, None] + torch.arange(T, device=self.k.device)
             end = int(positions.max()) + 1
-            write = positions[:, None, :, None].expand(B, nh, T, hs)
+            rows_heads = torch.arange(B * nh, device=self.k.device).view(B, nh, 1)
+            write = (rows_heads * block + positions[:, None, :]).reshape(-1)  # (B * nh * T)
         if end > block:
             raise ValueError(f"sequence length {end} exceeds block_size {block}")
-        causal = B == 1 and T > 1 and end == T
-        mask = None
+        causal = T > 1 and end == T  # every row from an empty cache (a prompt, a slid window)
+        one_query = B > 1 and T == 1  # a batched sampling step: attention reads the whole cache
+        if one_query:
+            end = block
+        mask = bias = None
         if not causal and not (B == 1 and T == 1):
             mask = (torch.arange(end, device=self.k.device) <= positions[..., None])[:, None]
-        self.step = KVStep(positions, end, write, mask, causal)
+        if one_query:
+            bias = torch.zeros(mask.shape, dtype=self.k.dtype, device=self.k.device).masked_fill_(~mask, float("-inf"))
+        self.step = KVStep(positions, end, write, mask, causal, bias)
         return self.step
 
     def rows(self, start: int, stop: int) -> "KVCache":
