@@ -38,6 +38,10 @@ CANDIDATES = {
     "2 x 180": "--n-layer 2 --n-embd 180",
     "8 x 92": "--n-layer 8 --n-embd 92",
     "tied embeddings": "--tie-weights",
+    # The MLP's inner width (4 x n_embd in the lecture) at the same block FLOPs, (4 + 2 r) L C^2.
+    "mlp 2x, 156 dims": "--mlp-ratio 2 --n-embd 156",
+    "mlp 3x, 140 dims": "--mlp-ratio 3 --n-embd 140",
+    "mlp 6x, 112 dims": "--mlp-ratio 6 --n-embd 112",
     "400 steps": "--max-iters 400",
     "400 steps, lr x1.5": "--max-iters 400 --lr 3e-3 --min-lr 3e-4 --muon-lr 0.03",
     "muon, 3 Newton-Schulz steps": "--muon-ns-steps 3",

@@ -90,8 +90,9 @@ def forward_bytes(config: GPTConfig, T: int | None = None, cache: bool = True) -
     """Memory of one forward pass of one sequence of T characters (default: block_size).
 
     cache=True is the explicit path the views run: every layer keeps q, k, v, z, its residuals,
-    LayerNorm outputs and MLP pre/post (about 19 T x C floats), the scores and pattern of each
-    head (2 x n_head x T x T), and the layer being computed holds two more T x T working copies.
+    LayerNorm outputs and MLP pre/post (about 19 T x C floats with the lecture's 4x MLP), the
+    scores and pattern of each head (2 x n_head x T x T), and the layer being computed holds two
+    more T x T working copies.
     cache=False is sampling and plain forwards: keys and values of every layer, and one layer's
     working tensors. Logits and their softmax are T x vocab each.
     """
@@ -100,11 +101,11 @@ def forward_bytes(config: GPTConfig, T: int | None = None, cache: bool = True) -
     logits = 2 * T * V
     if not config.attention:
         return FLOAT_BYTES * logits
-    scores = H * T * T
+    scores, mlp = H * T * T, 2 * T * config.mlp_size  # MLP pre and post: 8 T x C at the lecture's 4x
     if cache:
-        floats = 4 * T * C + L * (19 * T * C + 2 * scores) + 2 * scores + logits
+        floats = 4 * T * C + L * (11 * T * C + mlp + 2 * scores) + 2 * scores + logits
     else:
-        floats = L * 2 * T * C + 15 * T * C + 2 * scores + logits
+        floats = L * 2 * T * C + 7 * T * C + mlp + 2 * scores + logits
     return FLOAT_BYTES * floats
 
 

@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--activation", choices=["relu", "gelu"], help="MLP nonlinearity")
     m.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="lm_head shares the token embedding matrix")
+    m.add_argument("--mlp-ratio", type=int, help="the feed-forward layer's inner size in multiples of n_embd (default 4)")
     t = p.add_argument_group("training (with --resume, an option left out keeps the checkpoint's value)")
     defaults = TrainConfig()
     t.add_argument("--max-iters", type=int, default=None, help=f"optimizer steps in all (default: {defaults.max_iters})")
@@ -128,7 +129,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-SHAPE_OPTIONS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "activation", "tie_weights")
+SHAPE_OPTIONS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "activation", "tie_weights",
+                 "mlp_ratio")
 STAGE_SWITCHES = ("attention", "feed_forward", "residual", "layer_norm")  # what makes a preset that stage
 
 

@@ -63,6 +63,7 @@ def write_meta(path, data) -> None:
     ("layernorm", {}),
     ("layernorm", dict(tie_weights=True)),
     ("full", dict(bias=False, activation="gelu", tie_weights=True)),
+    ("full", dict(mlp_ratio=2)),
     ("bigram", {}),
     ("ffn", {}),
 ])

@@ -79,9 +79,9 @@ def test_the_default_budgets_admit_every_shipped_checkpoint():
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-@pytest.mark.parametrize("tie", [False, True])
-def test_the_counted_layout_is_the_models(preset, tie):
-    config = tiny_config(preset, tie_weights=tie and preset != "bigram", bias=not tie, n_layer=3)
+@pytest.mark.parametrize("tie, mlp_ratio", [(False, 4), (True, 4), (False, 8)])
+def test_the_counted_layout_is_the_models(preset, tie, mlp_ratio):
+    config = tiny_config(preset, tie_weights=tie and preset != "bigram", bias=not tie, n_layer=3, mlp_ratio=mlp_ratio)
     model = GPT(config)
     assert param_count(config) == sum(p.numel() for p in model.parameters())
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -161,6 +161,20 @@ def test_num_params_and_flops():
     assert model.flops_per_token() == 6 * model.num_params() + 12 * 6 * 384 * 256
 
 
+def test_mlp_ratio_sets_the_feed_forward_width():
+    lecture = GPT(GPTConfig.from_preset("full", vocab_size=65))
+    narrow = GPT(GPTConfig.from_preset("full", vocab_size=65, mlp_ratio=2))
+    assert narrow.blocks[0].ffwd.fc.out_features == narrow.blocks[0].ffwd.proj.in_features == 2 * 384
+    # Two of the four 384-wide columns gone from each of 6 MLPs: 2 x 2 x 384^2 weights and 2 x 384 biases.
+    assert lecture.num_params(False) - narrow.num_params(False) == 6 * (4 * 384 * 384 + 2 * 384)
+    # Before the residual stage the MLP is n_embd wide whatever the ratio (the lecture's first FeedForward).
+    ffn = GPTConfig.from_preset("ffn", mlp_ratio=2)
+    assert GPT(ffn).blocks[0].ffwd.fc.out_features == ffn.n_embd
+    # A checkpoint written before the setting existed has the lecture's 4x.
+    saved = {k: v for k, v in lecture.config.to_dict().items() if k != "mlp_ratio"}
+    assert GPTConfig.from_dict(saved).mlp_ratio == 4
+
+
 # Sampling -------------------------------------------------------------------------------
 
 
@@ -292,6 +306,7 @@ def test_sequence_longer_than_block_size_raises():
     (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
     (dict(activation="tanh"), "activation must be one of"),
     (dict(attention=False, tie_weights=True), "tie_weights needs attention"),
+    (dict(mlp_ratio=0), "mlp_ratio must be a positive integer"),
 ])
 def test_config_errors_say_what_to_change(kwargs, message):
     with pytest.raises(ValueError, match=message):
