@@ -6,10 +6,11 @@ one whose trainings are Ray workers; the two side by side.
 Each backend gets a fresh `streamlit run explorer/app.py` driven by benchmarks/load.py's
 browserless sessions (Streamlit's own websocket protocol). Measured: the time from the first
 Start to the last training's end, against the compute bound (one training's CPU seconds, alone
-in one process, times N over the cores); script-run latency while the room trains (p50, p95);
-each Generate's time from the click to the whole sample (p50, p95) and the room's characters a
-second; the peak memory of the server's process and of the processes it started (Ray's workers
-and daemons); errors (on a page, in the protocol, in the server's log).
+in one process (the median of 3), times N over the cores); script-run latency while the room
+trains (p50, p95); each Generate's time from the click to the whole sample (p50, p95) and the
+room's characters a second; the peak memory of the server's process and of the processes it
+started (Ray's workers and daemons), and the CPU seconds each side and these clients used;
+errors (on a page, in the protocol, in the server's log).
 
     python -m benchmarks.room [--participants 30] [--within 10] [--backends threads ray]
 """
@@ -46,6 +47,7 @@ from explorer.offpage.training_run import TrainingRunner, TrainingSlots
 RECIPE = "Room (everyone at once)"
 SAMPLE_S = 1.0
 SAMPLE_CHARS = 200  # the Sample view's default length
+ALONE_RUNS = 3  # one training alone varies by a fifth from run to run: the bound takes their median
 
 
 def training_cpu_s() -> float:
@@ -66,22 +68,45 @@ def training_cpu_s() -> float:
     return time.process_time() - t0
 
 
-def family_memory_mb(pid: int) -> tuple[float, float]:
-    """(the server's resident MB, its descendants' summed), from /proc."""
+def descendants(pid: int) -> list[int]:
+    """The processes the server started, and theirs (Ray's workers and daemons), from /proc."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
+                ppid = int(_stat(int(entry.name))[1])
+            except (OSError, IndexError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    todo, rest = list(children.get(pid, [])), 0.0
+    todo, found = list(children.get(pid, [])), []
     while todo:
         child = todo.pop()
         todo += children.get(child, [])
-        rest += _rss_mb(child)
-    return _rss_mb(pid), rest
+        found.append(child)
+    return found
+
+
+def family_memory_mb(pid: int) -> tuple[float, float]:
+    """(the server's resident MB, its descendants' summed)."""
+    return _rss_mb(pid), sum(_rss_mb(child) for child in descendants(pid))
+
+
+def family_cpu_s(pid: int) -> tuple[float, float]:
+    """(the server's CPU seconds so far, its living descendants' summed)."""
+    return _cpu_s(pid), sum(_cpu_s(child) for child in descendants(pid))
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command's name (field 3, the state, first)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = _stat(pid)
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def _rss_mb(pid: int) -> float:
@@ -126,7 +151,7 @@ async def participant(i: int, port: int, args, errors: list, latencies: list, de
     return s
 
 
-async def room(port: int, pid: int, args) -> tuple[list[Session], list, list, list, list]:
+async def room(port: int, pid: int, args) -> tuple[list[Session], list, list, list, list, dict]:
     errors, latencies, memory, written = [], [], [], []
     deadline = time.monotonic() + args.timeout
 
@@ -136,10 +161,14 @@ async def room(port: int, pid: int, args) -> tuple[list[Session], list, list, li
             await asyncio.sleep(SAMPLE_S)
 
     sampler = asyncio.create_task(sample())
+    cpu0, wall0, own0 = family_cpu_s(pid), time.monotonic(), time.process_time()
     sessions = await asyncio.gather(*(participant(i, port, args, errors, latencies, deadline, written)
                                       for i in range(args.participants)))
+    cpu1 = family_cpu_s(pid)
+    cpu = dict(server_s=cpu1[0] - cpu0[0], children_s=cpu1[1] - cpu0[1], clients_s=time.process_time() - own0,
+               wall_s=time.monotonic() - wall0)
     sampler.cancel()
-    return sessions, errors, latencies, memory, written
+    return sessions, errors, latencies, memory, written, cpu
 
 
 def run_backend(workers: str, args, text: Path) -> dict:
@@ -152,7 +181,7 @@ def run_backend(workers: str, args, text: Path) -> dict:
             server = start_server(port, env, log)
             try:
                 asyncio.run(warm_up(port))
-                sessions, errors, latencies, memory, written = asyncio.run(room(port, server.pid, args))
+                sessions, errors, latencies, memory, written, cpu = asyncio.run(room(port, server.pid, args))
             finally:
                 stop_server(server)
         errors += server_log_errors(log_path)
@@ -167,7 +196,7 @@ def run_backend(workers: str, args, text: Path) -> dict:
                 written_s=percentiles([w for _, w in written]), samples=len(written),
                 chars_per_s=SAMPLE_CHARS * len(written) / span if span else None,
                 server_peak_mb=max((m[0] for m in memory), default=None),
-                children_peak_mb=max((m[1] for m in memory), default=None),
+                children_peak_mb=max((m[1] for m in memory), default=None), cpu=cpu,
                 errors=len(errors), error_examples=sorted({f"{kind}: {what}"[:160] for _, kind, what in errors})[:5])
 
 
@@ -189,10 +218,12 @@ def main() -> None:
         sys.exit(f"error: no Tiny Shakespeare at {text}: set {DATA_ENV} to a copy of its input.txt")
     os.environ[DATA_ENV] = str(text)
     cores = os.cpu_count() or 1
-    one = training_cpu_s()
+    alone = [training_cpu_s() for _ in range(ALONE_RUNS)]
+    one = common.median(alone)
     bound = one * args.participants / cores
     results = {workers: run_backend(workers, args, text) for workers in args.backends}
-    rows = [("one training alone", f"{one:.1f} s CPU", RECIPE),
+    rows = [("one training alone", f"{one:.1f} s CPU",
+             f"{RECIPE}: the median of {', '.join(f'{a:.1f}' for a in alone)}"),
             ("compute bound", f"{bound:.0f} s", f"{args.participants} trainings over {cores} cores")]
     for workers, r in results.items():
         last = f"{r['last_done_s']:.0f} s" if r["last_done_s"] is not None else f"{r['finished']} finished"
@@ -206,10 +237,13 @@ def main() -> None:
                   f"{r['samples']} samples of {SAMPLE_CHARS}; the room wrote {_num(r['chars_per_s'])} characters/s"),
                  (f"{workers}: server / its children peak", f"{_mb(r['server_peak_mb'])} / {_mb(r['children_peak_mb'])}",
                   "resident memory"),
+                 (f"{workers}: CPU, server / its children / clients", " / ".join(
+                     f"{r['cpu'][k]:.0f} s" for k in ("server_s", "children_s", "clients_s")),
+                  f"of {cores} x {r['cpu']['wall_s']:.0f} s: the rest went to other processes or idle"),
                  (f"{workers}: errors", r["errors"], "; ".join(r["error_examples"]))]
     common.report(f"The room: {args.participants} participants start within {args.within:g} s", rows,
                   dict(machine=common.machine(), participants=args.participants, within_s=args.within,
-                       training_cpu_s=one, bound_s=bound, backends=results))
+                       training_cpu_s=one, training_cpu_s_runs=alone, bound_s=bound, backends=results))
 
 
 def _s(x) -> str:

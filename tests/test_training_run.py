@@ -166,6 +166,25 @@ def test_the_forecast_serves_the_queue_in_order():
     assert slots.running == 2 and slots.waiting == 0
 
 
+def test_a_room_polls_more_seldom_as_it_grows():
+    slots = TrainingSlots(capacity=2)
+    never = threading.Event()
+    assert slots.poll_seconds(polls_per_s=4) == 1.0  # alone: once a second
+    for ticket in range(2):
+        assert slots.acquire(ticket, never)
+    leave = threading.Event()
+    waiting = [threading.Thread(target=slots.acquire, args=(t, leave), daemon=True) for t in range(2, 8)]
+    for thread in waiting:
+        thread.start()
+    assert wait_for(lambda: slots.waiting == 6)
+    assert slots.poll_seconds(polls_per_s=4) == 2.0  # 8 trainings' pages together: 4 polls a second
+    assert slots.poll_seconds(polls_per_s=10) == 1.0
+    leave.set()
+    for thread in waiting:
+        thread.join(10)
+    assert slots.waiting == 0
+
+
 def test_a_book_sends_only_what_is_new():
     runner = make_runner(TrainingSlots(1), max_iters=60)
     runner.start()

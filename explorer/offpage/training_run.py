@@ -31,6 +31,7 @@ RECENT_STEPS = 20  # steps whose median time predicts the next ones
 # the in-context gap, and level off above it; for contexts under 32 characters even attention
 # comes within a factor of three of it (benchmarks/README.md).
 INDUCTION_AT = 0.1
+ROOM_POLLS_PER_S = 15  # the live views of a room's trainings together (TrainingSlots.poll_seconds)
 
 
 class TrainingSlots:
@@ -85,6 +86,12 @@ class TrainingSlots:
     def waiting(self) -> int:
         with self._cond:
             return len(self._waiting)
+
+    def poll_seconds(self, polls_per_s: float = ROOM_POLLS_PER_S) -> float:
+        """How often the page of each training (running or queued) looks at it: once a second,
+        and more seldom in a room of more than polls_per_s, so the room's polls together stay
+        near polls_per_s: each poll is a script run on the one server."""
+        return max(1.0, (self.running + self.waiting) / polls_per_s)
 
     def forecast(self, seconds_left: Callable[[object], float | None]) -> tuple[dict[object, float], float] | None:
         """When each waiting ticket should start, and when the last training should end (seconds

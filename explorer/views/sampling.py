@@ -2,11 +2,9 @@
 
 import numpy as np
 import streamlit as st
-import torch
 
 from core import lens, visible
 from core.checkpoint import Checkpoint
-from core.lens import run_with_cache
 from explorer.glue import sidebar, widgets
 from explorer.glue.engines import engine_for
 from explorer.glue.session import session_threads
@@ -86,38 +84,39 @@ def _clicked() -> int | None:
 
 
 def inspect_character(ckpt: Checkpoint, result: Sample) -> None:
-    """The odds one written character was drawn from, and what the model looked at to write it."""
+    """The odds one written character was drawn from, and what the model looked at to write it.
+    Its run and figures are shared (widgets): the page runs again whenever the sidebar does."""
     itos = ckpt.tokenizer.itos
     chars = [visible(itos[i]) for i in result.new_ids]
     clicked = _clicked()
     if clicked is not None and clicked < len(chars):
         st.session_state[PICK] = clicked  # a click in the text moves the slider there
     chosen = st.session_state.get(PICK, len(chars) - 1)
-    widgets.chart(figures.clickable_text(chars, chosen if chosen < len(chars) else None), "sample_text",
-                  on_select="rerun", selection_mode="points", key=CLICK)
+    widgets.shared_chart(figures.clickable_text, chars, chosen if chosen < len(chars) else None, name="sample_text",
+                         select=dict(on_select="rerun", selection_mode="points", key=CLICK))
     i = widgets.pick_position("Generated character", chars, key=PICK)
     probs = result.probs[i]
     top = np.argsort(probs)[::-1][:TOP_CHARS]
     chosen = result.new_ids[i]
     highlight = int(np.flatnonzero(top == chosen)[0]) if chosen in top else None
-    widgets.chart(figures.bar_chart(probs[top], [visible(itos[j]) for j in top],
-                               f"Character {i}: '{chars[i]}' (red) was drawn from these odds "
-                               "(after temperature, top-k and top-p)", x_title="next character",
-                               y_title="probability", highlight=highlight), f"sample_odds_{i}")
+    widgets.shared_chart(figures.bar_chart, probs[top], [visible(itos[j]) for j in top],
+                         f"Character {i}: '{chars[i]}' (red) was drawn from these odds "
+                         "(after temperature, top-k and top-p)", x_title="next character",
+                         y_title="probability", highlight=highlight, name=f"sample_odds_{i}")
     if not ckpt.model.config.attention:
         st.info("The bigram model has no attention: it wrote this character from the previous one alone.")
         return
     block_size = ckpt.model.config.block_size
     context = (result.prompt_ids + result.new_ids[:i])[-block_size:]  # what the model saw
-    _, cache = run_with_cache(ckpt.model, torch.tensor([context]))
+    _, cache = widgets.run_prompt(ckpt, widgets.Prompt(context, [visible(itos[j]) for j in context]))
     cfg = ckpt.model.config
     rows = lens.patterns(cache)[:, :, -1]
     labels = [f"layer {layer} head {h}" for layer in range(cfg.n_layer) for h in range(cfg.n_head)]
-    fig = figures.by_position(rows.reshape(len(labels), -1).numpy(), labels, [visible(itos[j]) for j in context],
-                              f"What the last character of the context looked at to write '{chars[i]}'",
-                              row_title="head", value="weight", colorscale=figures.WEIGHTS, zmin=0, zmax=1,
-                              height=160 + 28 * len(labels))
-    widgets.chart(fig, f"sample_attention_{i}")
+    widgets.shared_chart(figures.by_position, rows.reshape(len(labels), -1).numpy(), labels,
+                         [visible(itos[j]) for j in context],
+                         f"What the last character of the context looked at to write '{chars[i]}'",
+                         row_title="head", value="weight", colorscale=figures.WEIGHTS, zmin=0, zmax=1,
+                         height=160 + 28 * len(labels), name=f"sample_attention_{i}")
 
 
 sample_view()

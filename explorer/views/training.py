@@ -29,6 +29,9 @@ K = "train_"  # widget keys of this view
 ERROR = K + "error"
 HELD = K + "snapshot_held"  # the user picked an older snapshot: stop following the newest
 SIZED = K + "sized_steps"  # the steps a timed recipe last set: the user's own once they differ
+# Progress and the loss curve redraw every second while a model trains; the heads' charts, which
+# change only at a snapshot, less often: in a room every participant's page polls the one server.
+SNAPSHOT_POLL_S = 4.0
 SHAKESPEARE_VOCAB = 65
 
 
@@ -234,8 +237,9 @@ def start(limits) -> None:
 
 def progress(runner: Runner, slots: TrainingSlots) -> None:
     alive = runner.alive
+    poll_s = slots.poll_seconds()
 
-    @st.fragment(run_every=1.0 if alive else None)  # polls only while the thread runs
+    @st.fragment(run_every=poll_s if alive else None)  # polls only while the thread runs
     def live() -> None:
         if alive and not runner.alive:
             st.rerun(scope="app")  # it just ended: redraw the whole page once, which ends the polling
@@ -251,12 +255,17 @@ def progress(runner: Runner, slots: TrainingSlots) -> None:
             it, text = p.samples[-1]
             st.markdown(f"**A sample at step {it}** (200 characters after a newline, seed 0)")
             st.code(text, language=None, wrap_lines=True)
+
+    @st.fragment(run_every=max(SNAPSHOT_POLL_S, poll_s) if alive else None)
+    def formed() -> None:
+        p = runner.snapshot()
         if p.snapshots and p.snapshots[-1][1].size:
             heads(runner, p.snapshots)
         if p.head_scores:
             induction(p)
 
     live()
+    formed()
 
 
 def controls(runner: Runner, status: str) -> None:
@@ -317,7 +326,9 @@ def room_line(slots: TrainingSlots) -> None:
 
 
 def heads(runner: Runner, snapshots: list[tuple[int, np.ndarray]]) -> None:
-    """The probe prompt's attention at each snapshot, and each head's statistics over training."""
+    """The probe prompt's attention at each snapshot, and each head's statistics over training.
+    Their figures change only with a new snapshot, so each is built once (shared_chart), not at
+    every poll of every participant's page (a room's server spent most of its time building them)."""
     st.subheader("How the heads form")
     iters = [it for it, _ in snapshots]
     chosen = iters[0]
@@ -329,15 +340,15 @@ def heads(runner: Runner, snapshots: list[tuple[int, np.ndarray]]) -> None:
     pattern = dict(snapshots)[chosen].astype(np.float32)
     st.caption("Softmax weights of every head (rows: layers) for a fixed prompt. A head that lights up the "
                "diagonal just below the main one looks at the previous character.")
-    widgets.chart(figures.head_grid(pattern), f"heads_step{chosen}")
+    widgets.shared_chart(figures.head_grid, pattern, name=f"heads_step{chosen}")
     stats = head_stats(torch.from_numpy(np.stack([s for _, s in snapshots]).astype(np.float32)))  # (S, L, H)
     left, right = st.columns(2)
     with left:
-        widgets.chart(figures.head_lines(np.array(iters), stats["entropy"].numpy(), "Entropy of each head",
-                                    "nats (lower: more focused)"), "head_entropy")
+        widgets.shared_chart(figures.head_lines, np.array(iters), stats["entropy"].numpy(), "Entropy of each head",
+                             "nats (lower: more focused)", name="head_entropy")
     with right:
-        widgets.chart(figures.head_lines(np.array(iters), stats["prev_char"].numpy(),
-                                    "Weight on the previous character", "weight"), "head_prev_char")
+        widgets.shared_chart(figures.head_lines, np.array(iters), stats["prev_char"].numpy(),
+                             "Weight on the previous character", "weight", name="head_prev_char")
 
 
 def induction(p: Progress) -> None:
@@ -346,15 +357,13 @@ def induction(p: Progress) -> None:
     iters = np.array([row["iter"] for row in p.head_scores])
     left, right = st.columns(2)
     with left:
-        widgets.chart(figures.head_lines(iters, np.stack([row["induction"] for row in p.head_scores]),
-                                         "Induction score of each head", "score (1: a perfect induction head)"),
-                      "head_induction")
+        widgets.shared_chart(figures.head_lines, iters, np.stack([row["induction"] for row in p.head_scores]),
+                             "Induction score of each head", "score (1: a perfect induction head)", name="head_induction")
     with right:
-        widgets.chart(figures.head_lines(iters, np.stack([row["previous_token"] for row in p.head_scores]),
-                                         "Previous-token score of each head", "weight (validation text)"),
-                      "head_previous_token")
-    widgets.chart(figures.step_line(iters, [row["icl_gap"] for row in p.head_scores], "In-context learning",
-                                    "first − second copy (nats)", "gap"), "icl_gap")
+        widgets.shared_chart(figures.head_lines, iters, np.stack([row["previous_token"] for row in p.head_scores]),
+                             "Previous-token score of each head", "weight (validation text)", name="head_previous_token")
+    widgets.shared_chart(figures.step_line, iters, np.array([row["icl_gap"] for row in p.head_scores]), "In-context learning",
+                         "first − second copy (nats)", "gap", name="icl_gap")
     found = p.induction_step()
     when = (f"At step {found:,} a head first scored {INDUCTION_AT} or more (the dashed line on the loss curve)."
             if found is not None else f"No head has scored {INDUCTION_AT} yet.")
