@@ -146,15 +146,17 @@ def ray_app(local_ray, app_server, monkeypatch):
 
 def test_a_ray_server_warms_its_workers_before_anyone_trains(local_ray, monkeypatch):
     from explorer.glue import train_setup
+    from explorer.offpage import ray_sampling
 
-    asked = []
+    asked, sampling = [], []
     monkeypatch.setattr(ray_training, "prepare", lambda hosts=None: asked.append(hosts))
+    monkeypatch.setattr(ray_sampling, "warm", lambda: sampling.append("warm"))
     monkeypatch.setenv("GPT_EXPLORER_MAX_TRAININGS", "3")
     train_setup.prepare_workers()
-    assert asked == []  # threads: nothing to start
+    assert asked == [] and sampling == []  # threads: nothing to start
     monkeypatch.setenv("GPT_EXPLORER_WORKERS", "ray")
     train_setup.prepare_workers()
-    assert asked == [3]
+    assert asked == [3] and sampling == ["warm"]  # the trainings' hosts and the sampling worker
 
 
 def test_the_train_view_trains_on_a_worker(ray_app):

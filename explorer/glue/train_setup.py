@@ -35,13 +35,14 @@ def training_slots(workers: str, max_trainings: int | None) -> TrainingSlots:
 
 
 def prepare_workers() -> None:
-    """A server on Ray starts it, and warms its workers, at the first page anyone opens: the
-    room's Start finds them up. A server on threads never imports Ray."""
+    """A server on Ray starts it, and warms its workers (trainings' and sampling's), at the
+    first page anyone opens: the room's Start finds them up. A server on threads never imports Ray."""
     limits, _ = read_limits()
     if limits.workers == "ray":
-        from explorer.offpage import ray_training
+        from explorer.offpage import ray_sampling, ray_training
 
         ray_training.prepare(hosts=limits.max_trainings)
+        ray_sampling.warm()
 
 
 def new_runner(settings: Settings, text: str | None, limits: Limits, run: int) -> Runner:

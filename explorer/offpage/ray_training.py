@@ -309,7 +309,7 @@ class RayTrainingRunner(Runner):
         except RayError as e:
             healthy = False
             self._lost = True
-            self.book.set(status="failed", message=f"the worker running this training stopped: {_reason(e)}. "
+            self.book.set(status="failed", message=f"the worker running this training stopped: {why_stopped(e)}. "
                                                    "Reset to start again.")
         finally:
             self._actor = None
@@ -343,7 +343,7 @@ class RayTrainingRunner(Runner):
             ray.kill(host)
 
 
-def _reason(error: RayError) -> str:
+def why_stopped(error: RayError) -> str:
     """Ray's explanation in a few words: "its worker process has died", "it was killed by
     `ray.kill`", or the error's first line."""
     text = str(error)

@@ -39,7 +39,7 @@ def sample_view() -> None:
         if threads.sample is not None:
             threads.sample.stop()  # a new Generate replaces one still writing
         settings = dict(temperature=temperature, top_k=int(top_k) or None, top_p=top_p, seed=seed, window=window)
-        threads.sample = SampleJob(engine_for(ckpt.model), st.session_state.get(sidebar.MODEL), prompt.ids, length,
+        threads.sample = SampleJob(engine_for(ckpt), st.session_state.get(sidebar.MODEL), prompt.ids, length,
                                    settings)
     job = threads.sample
     if job is None or job.label != st.session_state.get(sidebar.MODEL):

@@ -1,0 +1,199 @@
+"""Generates on a Ray worker: a server whose trainings are on Ray writes its sessions' samples in
+a process of their own too. In the server's process the sampling engine takes turns at one
+interpreter's lock with every page's script run, at each of its torch calls: in a room the
+turns, not the sums, set how long a sample takes (benchmarks/README.md, the room).
+
+One `SamplingHost` actor holds a sampling engine (core.engine) for each of the last few models
+asked for: every Generate on one model is still written in one batch. A model's weights travel
+once, as checkpoint bytes (safetensors and JSON: loading them runs no code). The page's side,
+`RemoteEngine`, takes Engine.submit's arguments; its requests fetch what the worker has written
+when the page looks at them, at most every PULL_S. A worker that dies fails its requests with a
+message, and the next Generate starts a new one. Nothing here calls st.*.
+"""
+
+import itertools
+import threading
+import time
+from collections import OrderedDict
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayError, RayTaskError
+
+from core.checkpoint import Checkpoint, checkpoint_bytes, load_checkpoint_bytes
+from core.engine import Engine, Request
+from explorer.offpage import ray_training
+from explorer.offpage.ray_training import why_stopped
+
+MODELS = 8  # engines a host keeps: the one asked for least recently goes first
+PULL_S = 0.1  # a request asks its worker for news at most this often
+FORGET_S = 600.0  # a request done this long ago that no page fetched is dropped
+
+
+class SamplingHost:
+    """The worker: engines by model key, and the requests they write by request id. A threaded
+    actor, so news and stops are answered while the engines' threads write."""
+
+    def __init__(self):
+        torch.set_num_threads(1)  # as the server's own engine: a room's trainings have the other cores
+        self.engines: OrderedDict[str, Engine] = OrderedDict()
+        self.requests: dict[int, Request] = {}
+        self._lock = threading.Lock()
+
+    def has(self, key: str) -> bool:
+        return key in self.engines
+
+    def load(self, key: str, weights: bytes, meta: bytes) -> None:
+        model = load_checkpoint_bytes(weights, meta).model
+        with self._lock:
+            self.engines[key] = Engine(model, thread_name="gpt-explorer-sample")
+            idle = [k for k, engine in self.engines.items() if not engine.running and k != key]
+            for k in idle[:max(0, len(self.engines) - MODELS)]:
+                del self.engines[k]
+
+    def submit(self, key: str, request_id: int, prompt_ids: list[int], length: int, settings: dict) -> None:
+        with self._lock:
+            engine = self.engines[key]
+            self.engines.move_to_end(key)
+        self.requests[request_id] = engine.submit(prompt_ids, length, **settings)
+        unread = time.monotonic() - FORGET_S  # done long ago, never fetched: its page was closed
+        for old in [i for i, r in self.requests.items() if r.done and r.finished < unread]:
+            del self.requests[old]
+
+    def since(self, request_id: int, n: int) -> tuple[list[int], np.ndarray, bool, str | None]:
+        """What the request wrote from character n on, whether it is done, and its error. Once
+        a done request's last characters are sent, it is forgotten."""
+        request = self.requests[request_id]
+        done = request.done  # read first: once done, the lists below are whole
+        new = request.new_ids[n:]
+        probs = request.probs[n:n + len(new)]
+        if done:
+            del self.requests[request_id]
+        return new, np.stack(probs) if probs else np.zeros((0, 0), np.float32), done, request.error
+
+    def stop(self, request_id: int) -> None:
+        if request_id in self.requests:
+            self.requests[request_id].stop()
+
+
+_lock = threading.Lock()
+_host = None
+_under = None  # the Ray instance _host was started in (ray_training.prepare's event for it)
+_request_ids = itertools.count()
+
+
+def host():
+    """The sampling worker, started with the server's first Generate (Ray with it, if need be)."""
+    global _host, _under
+    with _lock:
+        instance = ray_training.prepare()
+        if _host is None or _under is not instance:  # never started, or in a Ray shut down since
+            ray_training.start_ray()
+            _host, _under = ray.remote(SamplingHost).options(num_cpus=0, max_concurrency=8).remote(), instance
+        return _host
+
+
+def warm() -> None:
+    """Start the worker in the background (a server on Ray, at its first page view): the
+    room's first Generate finds it up. A failure waits for the Generate that needs it to tell.
+    Cheap once it is up: every page view asks."""
+    if _host is not None and _under is ray_training.prepare():
+        return
+
+    def start():
+        try:
+            host()
+        except Exception:
+            pass
+
+    threading.Thread(target=start, name="gpt-explorer-sampling-host", daemon=True).start()
+
+
+def _lost(dead) -> None:
+    """That worker is gone: the next Generate starts another."""
+    global _host
+    with _lock:
+        if _host is dead:
+            _host = None
+
+
+class RemoteEngine:
+    """Engine.submit for a checkpoint's model, written on the sampling worker."""
+
+    def __init__(self, ckpt: Checkpoint, key: str):
+        self.model, self.key = ckpt.model, key
+        self._ckpt = ckpt
+
+    def submit(self, prompt_ids: list[int], length: int, **settings) -> "RemoteRequest":
+        """Raises ValueError for bad settings, as Engine.submit does (checked here, before
+        anything is sent)."""
+        local = Request(self.model.config, prompt_ids, length, **settings)
+        if local.done:
+            return local
+        worker = host()
+        request_id = next(_request_ids)
+        try:
+            if not ray.get(worker.has.remote(self.key)):
+                ray.get(worker.load.remote(self.key, *checkpoint_bytes(self._ckpt.model, self._ckpt.tokenizer)))
+            ray.get(worker.submit.remote(self.key, request_id, list(local.prompt_ids), length, settings))
+        except RayTaskError as e:
+            raise ValueError(str(e.cause)) from e
+        except RayError as e:
+            _lost(worker)
+            return RemoteRequest.failed(f"the sampling worker stopped ({why_stopped(e)}): Generate again")
+        return RemoteRequest(worker, request_id)
+
+
+class RemoteRequest:
+    """The parts of core.engine.Request a Sample job reads, mirrored from the worker."""
+
+    def __init__(self, worker, request_id: int):
+        self._worker, self._id = worker, request_id
+        self.new_ids: list[int] = []
+        self.probs: list[np.ndarray] = []
+        self.error: str | None = None
+        self._done = False
+        self._pulled = 0.0
+        self._pull_lock = threading.Lock()
+
+    @classmethod
+    def failed(cls, error: str) -> "RemoteRequest":
+        request = cls(None, -1)
+        request.error, request._done = error, True
+        return request
+
+    @property
+    def done(self) -> bool:
+        self._pull()
+        return self._done
+
+    def stop(self) -> None:
+        if not self._done:
+            try:
+                ray.get(self._worker.stop.remote(self._id))
+            except RayError:
+                pass  # a dead worker has stopped it already: the next look says so
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(PULL_S)
+        return True
+
+    def _pull(self) -> None:
+        with self._pull_lock:
+            if self._done or time.monotonic() - self._pulled < PULL_S:
+                return
+            self._pulled = time.monotonic()
+            try:
+                new, probs, done, error = ray.get(self._worker.since.remote(self._id, len(self.new_ids)))
+            except RayError as e:
+                _lost(self._worker)
+                self.error, self._done = f"the sampling worker stopped ({why_stopped(e)}): Generate again", True
+                return
+            self.probs.extend(probs)  # before new_ids, as the engine appends: never the shorter
+            self.new_ids.extend(new)
+            self.error, self._done = error, done

@@ -1,0 +1,103 @@
+"""Generates on a Ray worker: the characters the server's own engine writes, a stop that ends
+one request, a worker killed mid-sample, and the Sample view on a server on Ray.
+
+One local Ray instance with 2 CPUs serves the module; every wait is bounded.
+"""
+
+import numpy as np
+import pytest
+import torch
+from test_app import generate, start
+
+from core import GPT, CharTokenizer
+from core.checkpoint import Checkpoint, load_checkpoint
+from core.engine import Engine
+from helpers import as_session, tiny_config, wait_for
+
+ray = pytest.importorskip("ray")
+from explorer.offpage import ray_sampling, ray_training  # noqa: E402  (needs ray)
+
+TEXT = "To be, or not to be, that is the question:\n"
+TIMEOUT = 120  # a worker's first start imports torch on a busy machine
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray_training.start_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ckpt() -> Checkpoint:
+    tokenizer = CharTokenizer.from_text(TEXT)
+    torch.manual_seed(0)
+    model = GPT(tiny_config("layernorm", vocab_size=tokenizer.vocab_size)).eval()
+    return Checkpoint(model, tokenizer)
+
+
+def written(request, n: int) -> bool:
+    """Wait until the request has at least n characters here (a look at `done` fetches them)."""
+    return wait_for(lambda: request.done or len(request.new_ids) >= n, timeout=TIMEOUT)
+
+
+REQUESTS = [("To be", 40, dict(seed=1)), ("or not", 25, dict(seed=2, temperature=0.7, top_k=5)),
+            ("question", 33, dict(seed=3, top_p=0.9, window="lecture"))]
+
+
+def test_a_worker_writes_what_the_servers_engine_writes(local_ray, ckpt):
+    remote, local = ray_sampling.RemoteEngine(ckpt, "same"), Engine(ckpt.model)
+    ids = [ckpt.tokenizer.encode(p) for p, _, _ in REQUESTS]
+    theirs = [remote.submit(i, n, **s) for i, (_, n, s) in zip(ids, REQUESTS)]
+    ours = [local.submit(i, n, **s) for i, (_, n, s) in zip(ids, REQUESTS)]
+    for r, q, (_, n, _) in zip(theirs, ours, REQUESTS):
+        assert r.wait(TIMEOUT) and q.wait(TIMEOUT)
+        assert r.error is None and len(r.new_ids) == n
+        assert r.new_ids == q.new_ids
+        np.testing.assert_allclose(np.stack(r.probs), np.stack(q.probs), atol=1e-6)
+
+
+def test_bad_settings_are_refused_before_anything_is_sent(local_ray, ckpt):
+    remote = ray_sampling.RemoteEngine(ckpt, "bad")
+    with pytest.raises(ValueError, match="temperature"):
+        remote.submit([0], 10, temperature=-1.0)
+    with pytest.raises(ValueError, match="prompt"):
+        remote.submit([], 10)
+
+
+def test_stop_ends_one_request_the_other_goes_on(local_ray, ckpt):
+    remote = ray_sampling.RemoteEngine(ckpt, "stop")
+    long, other = remote.submit([1, 2], 100_000, seed=1), remote.submit([3], 300, seed=2)
+    assert written(long, 1)
+    long.stop()
+    assert long.wait(TIMEOUT) and other.wait(TIMEOUT)
+    assert 0 < len(long.new_ids) < 100_000 and long.error is None
+    assert len(other.new_ids) == 300 and other.error is None
+
+
+def test_a_killed_worker_fails_its_request_and_the_next_generate_works(local_ray, ckpt):
+    remote = ray_sampling.RemoteEngine(ckpt, "killed")
+    doomed = remote.submit([1], 100_000)
+    assert written(doomed, 1)
+    ray.kill(ray_sampling.host())
+    assert doomed.wait(TIMEOUT)
+    assert "the sampling worker stopped" in doomed.error and "Generate again" in doomed.error
+    again = remote.submit([1], 20)  # a new worker, which gets the model again
+    assert again.wait(TIMEOUT) and again.error is None and len(again.new_ids) == 20
+
+
+def test_the_sample_view_writes_on_a_worker(local_ray, pretrained, monkeypatch):
+    monkeypatch.setenv("GPT_EXPLORER_WORKERS", "ray")
+    at = start("sampling")
+    at.slider(key="sample_length").set_value(20).run()
+    text = generate(at).code[0].value
+    ckpt = load_checkpoint(pretrained)
+    ids = ckpt.tokenizer.encode("ROMEO:")
+    alone = Engine(ckpt.model).submit(ids, 20, seed=0)
+    assert alone.wait(TIMEOUT)
+    assert text == ckpt.tokenizer.decode(ids + alone.new_ids)
+    assert isinstance(at.session_state["sample_pick"], int)  # the inspection below the text ran
+    from explorer.glue.session import session_threads
+
+    with as_session("test session id"):
+        assert isinstance(session_threads().sample._request, ray_sampling.RemoteRequest)
