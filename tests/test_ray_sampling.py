@@ -4,6 +4,8 @@ one request, a worker killed mid-sample, and the Sample view on a server on Ray.
 One local Ray instance with 2 CPUs serves the module; every wait is bounded.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -55,6 +57,17 @@ def test_a_worker_writes_what_the_servers_engine_writes(local_ray, ckpt):
         assert r.error is None and len(r.new_ids) == n
         assert r.new_ids == q.new_ids
         np.testing.assert_allclose(np.stack(r.probs), np.stack(q.probs), atol=1e-6)
+
+
+def test_trainings_yield_the_cpu_to_sampling(local_ray):
+    """Both kinds of worker run below the server's priority; a room's trainings below the samples."""
+    training = ray_training.HOSTS.borrow()[0]
+    try:
+        nice = {name: os.getpriority(os.PRIO_PROCESS, ray.get(actor.pid.remote()))
+                for name, actor in (("training", training), ("sampling", ray_sampling.host()))}
+    finally:
+        ray_training.HOSTS.give_back(training, healthy=True)
+    assert os.getpriority(os.PRIO_PROCESS, 0) < nice["sampling"] < nice["training"]
 
 
 def test_bad_settings_are_refused_before_anything_is_sent(local_ray, ckpt):

@@ -12,6 +12,7 @@ message, and the next Generate starts a new one. Nothing here calls st.*.
 """
 
 import itertools
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -40,6 +41,9 @@ class SamplingHost:
         self.engines: OrderedDict[str, Engine] = OrderedDict()
         self.requests: dict[int, Request] = {}
         self._lock = threading.Lock()
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def has(self, key: str) -> bool:
         return key in self.engines

@@ -40,7 +40,9 @@ from explorer.offpage.training_run import LiveTraining, Progress, ProgressBook, 
 ADDRESS_ENV = "GPT_EXPLORER_RAY_ADDRESS"
 GPU_ENV = "GPT_EXPLORER_GPU_PER_TRAINING"
 DEFAULT_GPU_SHARE = 0.1
-WORKER_NICE = 10  # workers yield the CPU to the server's pages
+# Trainings yield the CPU to the server's pages and to the sampling worker, which Ray starts,
+# as every worker, at nice 15 (RAY_worker_niceness): the lowest priority there is.
+WORKER_NICE = 19
 POLL_S = 0.5  # how often the page side asks its worker for news
 STOP_GRACE_S = 30.0  # a stopped training whose worker has not answered by then is killed
 
