@@ -5,6 +5,7 @@ One local Ray instance with 2 CPUs serves the module; every wait is bounded.
 """
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -68,6 +69,18 @@ def test_trainings_yield_the_cpu_to_sampling(local_ray):
     finally:
         ray_training.HOSTS.give_back(training, healthy=True)
     assert os.getpriority(os.PRIO_PROCESS, 0) < nice["sampling"] < nice["training"]
+
+
+def test_a_room_generating_on_a_new_model_sends_it_once(local_ray, ckpt):
+    remote = ray_sampling.RemoteEngine(ckpt, "room")
+    requests = []
+    burst = [threading.Thread(target=lambda s=s: requests.append(remote.submit([1], 30, seed=s))) for s in range(8)]
+    for thread in burst:
+        thread.start()
+    for thread in burst:
+        thread.join(TIMEOUT)
+    assert len(requests) == 8 and all(r.wait(TIMEOUT) and len(r.new_ids) == 30 for r in requests)
+    assert ray.get(ray_sampling.host().load_counts.remote())["room"] == 1  # one engine: written together
 
 
 def test_bad_settings_are_refused_before_anything_is_sent(local_ray, ckpt):

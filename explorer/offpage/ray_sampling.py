@@ -40,30 +40,42 @@ class SamplingHost:
         torch.set_num_threads(1)  # as the server's own engine: a room's trainings have the other cores
         self.engines: OrderedDict[str, Engine] = OrderedDict()
         self.requests: dict[int, Request] = {}
+        self.loads: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def pid(self) -> int:
         return os.getpid()
 
-    def has(self, key: str) -> bool:
-        return key in self.engines
-
     def load(self, key: str, weights: bytes, meta: bytes) -> None:
+        """The model's engine, unless it is here already (its requests are written together)."""
+        if key in self.engines:
+            return
         model = load_checkpoint_bytes(weights, meta).model
         with self._lock:
+            if key in self.engines:
+                return
             self.engines[key] = Engine(model, thread_name="gpt-explorer-sample")
+            self.loads[key] = self.loads.get(key, 0) + 1
             idle = [k for k, engine in self.engines.items() if not engine.running and k != key]
             for k in idle[:max(0, len(self.engines) - MODELS)]:
                 del self.engines[k]
 
-    def submit(self, key: str, request_id: int, prompt_ids: list[int], length: int, settings: dict) -> None:
+    def load_counts(self) -> dict[str, int]:
+        """How often each model was loaded (again after it was dropped for others)."""
+        return dict(self.loads)
+
+    def submit(self, key: str, request_id: int, prompt_ids: list[int], length: int, settings: dict) -> bool:
+        """Queue the request on the model's engine; False if the model is not here (load it)."""
         with self._lock:
-            engine = self.engines[key]
+            engine = self.engines.get(key)
+            if engine is None:
+                return False
             self.engines.move_to_end(key)
         self.requests[request_id] = engine.submit(prompt_ids, length, **settings)
         unread = time.monotonic() - FORGET_S  # done long ago, never fetched: its page was closed
         for old in [i for i, r in self.requests.items() if r.done and r.finished < unread]:
             del self.requests[old]
+        return True
 
     def since(self, request_id: int, n: int) -> tuple[list[int], np.ndarray, bool, str | None]:
         """What the request wrote from character n on, whether it is done, and its error. Once
@@ -128,6 +140,7 @@ class RemoteEngine:
     def __init__(self, ckpt: Checkpoint, key: str):
         self.model, self.key = ckpt.model, key
         self._ckpt = ckpt
+        self._load_lock = threading.Lock()  # a room's Generates on a new model send it once
 
     def submit(self, prompt_ids: list[int], length: int, **settings) -> "RemoteRequest":
         """Raises ValueError for bad settings, as Engine.submit does (checked here, before
@@ -137,10 +150,13 @@ class RemoteEngine:
             return local
         worker = host()
         request_id = next(_request_ids)
+        send = (self.key, request_id, list(local.prompt_ids), length, settings)
         try:
-            if not ray.get(worker.has.remote(self.key)):
-                ray.get(worker.load.remote(self.key, *checkpoint_bytes(self._ckpt.model, self._ckpt.tokenizer)))
-            ray.get(worker.submit.remote(self.key, request_id, list(local.prompt_ids), length, settings))
+            if not ray.get(worker.submit.remote(*send)):
+                with self._load_lock:
+                    if not ray.get(worker.submit.remote(*send)):
+                        ray.get(worker.load.remote(self.key, *checkpoint_bytes(self._ckpt.model, self._ckpt.tokenizer)))
+                        ray.get(worker.submit.remote(*send))
         except RayTaskError as e:
             raise ValueError(str(e.cause)) from e
         except RayError as e:
