@@ -127,3 +127,13 @@ def test_the_sample_view_writes_on_a_worker(local_ray, pretrained, monkeypatch):
 
     with as_session("test session id"):
         assert isinstance(session_threads().sample._request, ray_sampling.RemoteRequest)
+
+
+def test_a_request_that_outlives_its_ray_says_so(local_ray, ckpt):
+    """Last in the module: it shuts Ray down."""
+    request = ray_sampling.RemoteEngine(ckpt, "gone").submit([1], 100_000)
+    assert written(request, 1)
+    ray.shutdown()
+    assert request.wait(TIMEOUT) and "the sampling worker stopped" in request.error
+    request.stop()
+    assert not ray.is_initialized()  # asking did not start a Ray of its own

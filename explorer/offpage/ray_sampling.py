@@ -191,8 +191,8 @@ class RemoteRequest:
     def stop(self) -> None:
         if not self._done:
             try:
-                ray.get(self._worker.stop.remote(self._id))
-            except RayError:
+                _ask(self._worker.stop, self._id)
+            except Exception:
                 pass  # a dead worker has stopped it already: the next look says so
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -209,11 +209,20 @@ class RemoteRequest:
                 return
             self._pulled = time.monotonic()
             try:
-                new, probs, done, error = ray.get(self._worker.since.remote(self._id, len(self.new_ids)))
-            except RayError as e:
+                new, probs, done, error = _ask(self._worker.since, self._id, len(self.new_ids))
+            except Exception as e:
                 _lost(self._worker)
                 self.error, self._done = f"the sampling worker stopped ({why_stopped(e)}): Generate again", True
                 return
             self.probs.extend(probs)  # before new_ids, as the engine appends: never the shorter
             self.new_ids.extend(new)
             self.error, self._done = error, done
+
+
+def _ask(method, *args):
+    """A worker's answer. Raises RayError for a dead worker, RuntimeError where Ray was shut down
+    since (a call would start a new instance of its own), and a call on a handle of an earlier
+    instance raises a plain Exception."""
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is no longer running")
+    return ray.get(method.remote(*args))

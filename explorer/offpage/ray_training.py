@@ -345,7 +345,7 @@ class RayTrainingRunner(Runner):
             ray.kill(host)
 
 
-def why_stopped(error: RayError) -> str:
+def why_stopped(error: Exception) -> str:
     """Ray's explanation in a few words: "its worker process has died", "it was killed by
     `ray.kill`", or the error's first line."""
     text = str(error)
