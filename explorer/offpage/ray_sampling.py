@@ -138,9 +138,12 @@ class RemoteEngine:
     """Engine.submit for a checkpoint's model, written on the sampling worker."""
 
     def __init__(self, ckpt: Checkpoint, key: str):
-        self.model, self.key = ckpt.model, key
-        self._ckpt = ckpt
+        self.ckpt, self.key = ckpt, key
         self._load_lock = threading.Lock()  # a room's Generates on a new model send it once
+
+    @property
+    def model(self):
+        return self.ckpt.model
 
     def submit(self, prompt_ids: list[int], length: int, **settings) -> "RemoteRequest":
         """Raises ValueError for bad settings, as Engine.submit does (checked here, before
@@ -155,10 +158,10 @@ class RemoteEngine:
             if not ray.get(worker.submit.remote(*send)):
                 with self._load_lock:
                     if not ray.get(worker.submit.remote(*send)):
-                        ray.get(worker.load.remote(self.key, *checkpoint_bytes(self._ckpt.model, self._ckpt.tokenizer)))
+                        ray.get(worker.load.remote(self.key, *checkpoint_bytes(self.ckpt.model, self.ckpt.tokenizer)))
                         ray.get(worker.submit.remote(*send))
-        except RayTaskError as e:
-            raise ValueError(str(e.cause)) from e
+        except RayTaskError as e:  # the worker is up, the request failed there
+            return RemoteRequest.failed(f"the sampling worker could not write it: {e.cause}")
         except RayError as e:
             _lost(worker)
             return RemoteRequest.failed(f"the sampling worker stopped ({why_stopped(e)}): Generate again")

@@ -108,12 +108,12 @@ def inspect_character(ckpt: Checkpoint, result: Sample) -> None:
         return
     block_size = ckpt.model.config.block_size
     context = (result.prompt_ids + result.new_ids[:i])[-block_size:]  # what the model saw
-    _, cache = widgets.run_prompt(ckpt, widgets.Prompt(context, [visible(itos[j]) for j in context]))
+    seen = widgets.Prompt(context, [visible(itos[j]) for j in context])
+    _, cache = widgets.run_prompt(ckpt, seen)
     cfg = ckpt.model.config
     rows = lens.patterns(cache)[:, :, -1]
     labels = [f"layer {layer} head {h}" for layer in range(cfg.n_layer) for h in range(cfg.n_head)]
-    widgets.shared_chart(figures.by_position, rows.reshape(len(labels), -1).numpy(), labels,
-                         [visible(itos[j]) for j in context],
+    widgets.shared_chart(figures.by_position, rows.reshape(len(labels), -1).numpy(), labels, seen.chars,
                          f"What the last character of the context looked at to write '{chars[i]}'",
                          row_title="head", value="weight", colorscale=figures.WEIGHTS, zmin=0, zmax=1,
                          height=160 + 28 * len(labels), name=f"sample_attention_{i}")
