@@ -17,11 +17,11 @@ import torch
 from benchmarks import common
 from benchmarks.time_to_quality import val_loss
 from core.data import Corpus
-from explorer.offpage.recipes import RECIPE_SECONDS, RECIPES, Settings, make_trainer, probe_ids, watch
+from explorer.offpage.recipes import RECIPE_SECONDS, RECIPES, ROOM_RECIPE, Settings, make_trainer, probe_ids, watch
 from explorer.offpage.step_times import fit_steps, measure, run_seconds
 from explorer.offpage.training_run import TrainingRunner, TrainingSlots
 
-DEMO, ROOM = "1-minute demo", "Room (everyone at once)"
+DEMO, ROOM = "1-minute demo", ROOM_RECIPE
 VARIANTS = {  # what each changes in the recipe
     "adamw": dict(optimizer="adamw"),
     "muon": dict(optimizer="muon"),

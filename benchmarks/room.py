@@ -6,11 +6,13 @@ one whose trainings are Ray workers; the two side by side.
 Each backend gets a fresh `streamlit run explorer/app.py` driven by benchmarks/load.py's
 browserless sessions (Streamlit's own websocket protocol). Measured: the time from the first
 Start to the last training's end, against the compute bound (one training's CPU seconds, alone
-in one process (the median of 3), times N over the cores); script-run latency while the room
-trains (p50, p95); each Generate's time from the click to the whole sample (p50, p95) and the
-room's characters a second; the peak memory of the server's process and of the processes it
-started (Ray's workers and daemons), and the CPU seconds each side and these clients used;
-errors (on a page, in the protocol, in the server's log).
+in one process (the median of 3 before the room and 3 after), times N over the cores);
+script-run latency while the room trains (p50, p95); each Generate's time from the click to
+the whole sample (p50, p95) and the room's characters a second; the peak memory of the server's
+process and of the processes it started (Ray's workers and daemons), and the CPU seconds each
+side and these clients used; errors (on a page, in the protocol, in the server's log). The
+room begins once the server, opened by one session as the teacher's would be, has gone quiet
+(its workers started and warm).
 
     python -m benchmarks.room [--participants 30] [--within 10] [--backends threads ray]
 """
@@ -41,13 +43,12 @@ from benchmarks.load import (
     warm_up,
 )
 from core.data import CACHE_DIR, DATA_ENV, load_shakespeare
-from explorer.offpage.recipes import RECIPES, make_trainer, probe_ids, watch
+from explorer.offpage.recipes import RECIPES, ROOM_RECIPE, make_trainer, probe_ids, watch
 from explorer.offpage.training_run import TrainingRunner, TrainingSlots
 
-RECIPE = "Room (everyone at once)"
 SAMPLE_S = 1.0
 SAMPLE_CHARS = 200  # the Sample view's default length
-ALONE_RUNS = 3  # one training alone varies by a fifth from run to run: the bound takes their median
+ALONE_RUNS = 3  # one training alone varies by a fifth from run to run: the bound takes the median of 3 before the room and 3 after
 
 
 def training_cpu_s() -> float:
@@ -58,7 +59,7 @@ def training_cpu_s() -> float:
     from core.data import Corpus
 
     torch.set_num_threads(1)
-    settings = RECIPES[RECIPE][1]
+    settings = RECIPES[ROOM_RECIPE][1]
     trainer = make_trainer(settings, None, lambda block_size: Corpus(load_shakespeare(), block_size))
     runner = TrainingRunner(trainer, TrainingSlots(1), probe_ids=probe_ids(trainer.corpus, settings.block_size),
                             **watch(settings.eval_interval))
@@ -66,6 +67,21 @@ def training_cpu_s() -> float:
     runner.start()
     runner.join()
     return time.process_time() - t0
+
+
+def settle(pid: int, quiet_s: float = 0.05, at_most_s: float = 60.0) -> None:
+    """Wait until the server and its processes use under quiet_s CPU seconds in a second."""
+    def used() -> float:
+        server, children = family_cpu_s(pid)
+        return server + sum(children.values())
+
+    deadline, before = time.monotonic() + at_most_s, used()
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = used()
+        if now - before < quiet_s:
+            return
+        before = now
 
 
 def descendants(pid: int) -> list[int]:
@@ -91,9 +107,28 @@ def family_memory_mb(pid: int) -> tuple[float, float]:
     return _rss_mb(pid), sum(_rss_mb(child) for child in descendants(pid))
 
 
-def family_cpu_s(pid: int) -> tuple[float, float]:
-    """(the server's CPU seconds so far, its living descendants' summed)."""
-    return _cpu_s(pid), sum(_cpu_s(child) for child in descendants(pid))
+def family_cpu_s(pid: int) -> tuple[float, dict[str, float]]:
+    """(the server's CPU seconds so far, its living descendants' by process name)."""
+    by_name: dict[str, float] = {}
+    for child in descendants(pid):
+        name = _name(child)
+        by_name[name] = by_name.get(name, 0.0) + _cpu_s(child)
+    return _cpu_s(pid), by_name
+
+
+def _name(pid: int) -> str:
+    """A process's title without its arguments (Ray's workers title themselves `ray::Actor`)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    return Path(argv[0].decode(errors="replace").split()[0] if argv[0] else "?").name[:40]
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every core has spent on anything but idling and waiting, since boot (/proc/stat)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def _stat(pid: int) -> list[str]:
@@ -125,7 +160,7 @@ async def participant(i: int, port: int, args, errors: list, latencies: list, de
     try:
         await s.rerun("page load")
         await s.open_page("train")
-        s.values["train_recipe"] = WidgetState(string_value=RECIPE)
+        s.values["train_recipe"] = WidgetState(string_value=ROOM_RECIPE)
         await s.rerun("recipe")
         s.training.clicked = time.monotonic()
         await s.rerun("start", trigger="train_start")
@@ -161,12 +196,13 @@ async def room(port: int, pid: int, args) -> tuple[list[Session], list, list, li
             await asyncio.sleep(SAMPLE_S)
 
     sampler = asyncio.create_task(sample())
-    cpu0, wall0, own0 = family_cpu_s(pid), time.monotonic(), time.process_time()
+    cpu0, wall0, own0, busy0 = family_cpu_s(pid), time.monotonic(), time.process_time(), machine_busy_s()
     sessions = await asyncio.gather(*(participant(i, port, args, errors, latencies, deadline, written)
                                       for i in range(args.participants)))
     cpu1 = family_cpu_s(pid)
-    cpu = dict(server_s=cpu1[0] - cpu0[0], children_s=cpu1[1] - cpu0[1], clients_s=time.process_time() - own0,
-               wall_s=time.monotonic() - wall0)
+    by_name = {name: round(s - cpu0[1].get(name, 0.0), 2) for name, s in sorted(cpu1[1].items(), key=lambda kv: -kv[1])}
+    cpu = dict(server_s=cpu1[0] - cpu0[0], children_s=sum(by_name.values()), children_by_name=by_name,
+               clients_s=time.process_time() - own0, machine_s=machine_busy_s() - busy0, wall_s=time.monotonic() - wall0)
     sampler.cancel()
     return sessions, errors, latencies, memory, written, cpu
 
@@ -181,6 +217,7 @@ def run_backend(workers: str, args, text: Path) -> dict:
             server = start_server(port, env, log)
             try:
                 asyncio.run(warm_up(port))
+                settle(server.pid)
                 sessions, errors, latencies, memory, written, cpu = asyncio.run(room(port, server.pid, args))
             finally:
                 stop_server(server)
@@ -193,6 +230,8 @@ def run_backend(workers: str, args, text: Path) -> dict:
     return dict(finished=len(done), last_done_s=(max(done) - first) if len(done) == len(trainings) else None,
                 to_done_s=percentiles([t.finished - t.clicked for t in trainings if t.finished]),
                 poll_latency_s=percentiles(while_training), all_latency_s=percentiles([s for _, s in latencies]),
+                latency_by_kind_s={kind: percentiles([s for k, s in latencies if k == kind])
+                                   for kind in sorted({k for k, _ in latencies})},
                 written_s=percentiles([w for _, w in written]), samples=len(written),
                 chars_per_s=SAMPLE_CHARS * len(written) / span if span else None,
                 server_peak_mb=max((m[0] for m in memory), default=None),
@@ -219,11 +258,13 @@ def main() -> None:
     os.environ[DATA_ENV] = str(text)
     cores = os.cpu_count() or 1
     alone = [training_cpu_s() for _ in range(ALONE_RUNS)]
+    results = {workers: run_backend(workers, args, text) for workers in args.backends}
+    alone += [training_cpu_s() for _ in range(ALONE_RUNS)]  # after too: a VM's speed drifts over minutes
     one = common.median(alone)
     bound = one * args.participants / cores
-    results = {workers: run_backend(workers, args, text) for workers in args.backends}
     rows = [("one training alone", f"{one:.1f} s CPU",
-             f"{RECIPE}: the median of {', '.join(f'{a:.1f}' for a in alone)}"),
+             f"{ROOM_RECIPE}: the median of {', '.join(f'{a:.1f}' for a in alone[:ALONE_RUNS])} (before the room) "
+             f"and {', '.join(f'{a:.1f}' for a in alone[ALONE_RUNS:])} (after)"),
             ("compute bound", f"{bound:.0f} s", f"{args.participants} trainings over {cores} cores")]
     for workers, r in results.items():
         last = f"{r['last_done_s']:.0f} s" if r["last_done_s"] is not None else f"{r['finished']} finished"
@@ -233,13 +274,17 @@ def main() -> None:
                   "each participant's wait for a trained model"),
                  (f"{workers}: poll latency p50 / p95", f"{_s(r['poll_latency_s']['p50'])} / {_s(r['poll_latency_s']['p95'])}",
                   f"{r['poll_latency_s']['n']} polls while the room trains and samples"),
+                 (f"{workers}: every script run p50 / p95", f"{_s(r['all_latency_s']['p50'])} / {_s(r['all_latency_s']['p95'])}",
+                  ", ".join(f"{kind} {_s(q['p95'])}" for kind, q in r["latency_by_kind_s"].items())),
                  (f"{workers}: Generate to the whole sample p50 / p95", f"{_s(r['written_s']['p50'])} / {_s(r['written_s']['p95'])}",
                   f"{r['samples']} samples of {SAMPLE_CHARS}; the room wrote {_num(r['chars_per_s'])} characters/s"),
                  (f"{workers}: server / its children peak", f"{_mb(r['server_peak_mb'])} / {_mb(r['children_peak_mb'])}",
                   "resident memory"),
                  (f"{workers}: CPU, server / its children / clients", " / ".join(
                      f"{r['cpu'][k]:.0f} s" for k in ("server_s", "children_s", "clients_s")),
-                  f"of {cores} x {r['cpu']['wall_s']:.0f} s: the rest went to other processes or idle"),
+                  f"of {cores} x {r['cpu']['wall_s']:.0f} s; the machine was busy {r['cpu']['machine_s']:.0f} s"),
+                 (f"{workers}: CPU of the children", ", ".join(
+                     f"{name} {s:.0f} s" for name, s in list(r["cpu"]["children_by_name"].items())[:5]), ""),
                  (f"{workers}: errors", r["errors"], "; ".join(r["error_examples"]))]
     common.report(f"The room: {args.participants} participants start within {args.within:g} s", rows,
                   dict(machine=common.machine(), participants=args.participants, within_s=args.within,

@@ -5,6 +5,8 @@ The models here run in float64: a batch of rows (or a prompt prefilled apart fro
 sums in another order than one row alone, and in float32 that can flip a near tie between two
 characters. In float64 it does not, so any difference is a bug."""
 
+import weakref
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -12,6 +14,8 @@ from torch.nn import functional as F
 from benchmarks.reference import lecture_generate
 from core import engine
 from core.engine import Decoder, Engine, Request, stream
+from explorer.offpage.polling import ROOM_POLLS_PER_S
+from explorer.offpage.sample_job import POLL_S, SampleJob
 from helpers import tiny_model, wait_for
 
 # (prompt, length, temperature, top_k, top_p, seed, window): prompts shorter than, equal to and
@@ -285,3 +289,17 @@ def test_a_request_of_no_characters_is_done_at_once():
     eng = Engine(model64())
     r = eng.submit([1], 0)
     assert r.done and r.new_ids == [] and not eng.running
+
+
+def test_sample_pages_poll_more_seldom_while_the_room_samples_at_once(monkeypatch):
+    monkeypatch.setattr(SampleJob, "_all", weakref.WeakSet())  # this test's jobs only
+    eng = Engine(model64(), max_rows=40)
+    jobs = [SampleJob(eng, "tiny", [1], 2000, dict(seed=i)) for i in range(30)]
+    assert SampleJob.poll_seconds() == 30 / ROOM_POLLS_PER_S  # 30 writing: 15 polls a second together
+    for job in jobs[:25]:
+        job.stop()
+        job.join(10)
+        assert not job.alive  # seen done by its page
+    assert SampleJob.poll_seconds() == POLL_S  # 5 still writing: each page as alone
+    for job in jobs[25:]:
+        job.stop()

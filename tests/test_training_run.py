@@ -10,7 +10,7 @@ from core import CharTokenizer, GPTConfig
 from core import experiments as E
 from core.data import Corpus
 from core.trainer import TrainConfig, Trainer
-from explorer.offpage.training_run import Progress, ProgressBook, TrainingRunner, TrainingSlots
+from explorer.offpage.training_run import QUEUED_POLL_S, Progress, ProgressBook, TrainingRunner, TrainingSlots
 from helpers import wait_for
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 30
@@ -173,16 +173,35 @@ def test_a_room_polls_more_seldom_as_it_grows():
     for ticket in range(2):
         assert slots.acquire(ticket, never)
     leave = threading.Event()
-    waiting = [threading.Thread(target=slots.acquire, args=(t, leave), daemon=True) for t in range(2, 8)]
+    waiting = [threading.Thread(target=slots.acquire, args=(t, leave), daemon=True) for t in range(2, 32)]
     for thread in waiting:
         thread.start()
-    assert wait_for(lambda: slots.waiting == 6)
-    assert slots.poll_seconds(polls_per_s=4) == 2.0  # 8 trainings' pages together: 4 polls a second
-    assert slots.poll_seconds(polls_per_s=10) == 1.0
+    assert wait_for(lambda: slots.waiting == 30)
+    assert slots.poll_seconds(polls_per_s=4) == 1.0  # the 2 running pages: once a second each
+    assert slots.poll_seconds(queued=True, polls_per_s=10) == QUEUED_POLL_S  # 30 waiting: 6 polls a second
+    assert slots.poll_seconds(queued=True, polls_per_s=4) == 7.5  # 30 waiting, 4 polls a second together
     leave.set()
     for thread in waiting:
         thread.join(10)
     assert slots.waiting == 0
+    big = TrainingSlots(capacity=40)
+    for ticket in range(40):
+        assert big.try_acquire(ticket)
+    assert big.poll_seconds(polls_per_s=20) == 2.0  # 40 running: 20 polls a second together
+
+
+def test_a_free_slot_is_taken_at_start_and_a_full_one_queues():
+    slots = TrainingSlots(capacity=1)
+    first, second = make_runner(slots, max_iters=400), make_runner(slots, max_iters=400)
+    first.start()
+    assert first.snapshot().status == "running" and slots.running == 1  # before its thread has run
+    second.start()
+    assert second.snapshot().status == "queued"
+    assert not slots.try_acquire("third")  # a slot goes to the queue first, never past it
+    for runner in (first, second):
+        runner.stop()
+        runner.join(10)
+    assert slots.running == 0 and slots.waiting == 0
 
 
 def test_a_book_sends_only_what_is_new():

@@ -34,7 +34,7 @@ from safetensors.torch import save as save_tensors
 from core.checkpoint import Checkpoint, checkpoint_bytes, load_checkpoint_bytes
 from core.data import Corpus, load_shakespeare
 from core.trainer import Record, Trainer
-from explorer.offpage.recipes import Settings, make_trainer, probe_ids
+from explorer.offpage.recipes import RECIPES, ROOM_RECIPE, Settings, make_trainer, probe_ids, watch
 from explorer.offpage.training_run import LiveTraining, Progress, ProgressBook, Runner, TrainingSlots
 
 ADDRESS_ENV = "GPT_EXPLORER_RAY_ADDRESS"
@@ -45,6 +45,7 @@ DEFAULT_GPU_SHARE = 0.1
 WORKER_NICE = 19
 POLL_S = 0.5  # how often the page side asks its worker for news
 STOP_GRACE_S = 30.0  # a stopped training whose worker has not answered by then is killed
+WARM_UP_STEPS = 10  # a host's first leg, cold, ran a second or two slower than the ones after it
 
 ROOT = Path(__file__).resolve().parents[2]  # workers import core and explorer from here, on every machine
 _start_lock = threading.Lock()
@@ -177,6 +178,15 @@ class TrainingHost:
         torch.set_num_threads(1)  # one core a training: the slots count cores
         self.legs: dict[int, Leg] = {}
         self._early_stops: set[int] = set()
+        self._warm_up()
+
+    @staticmethod
+    def _warm_up() -> None:
+        """A few steps of the room's recipe, watched as a training is, before the host is lent
+        (it starts at the server's first page view): the text is read and encoded, and torch's
+        first calls are made, here and not in the first participant's training."""
+        settings = replace(RECIPES[ROOM_RECIPE][1], max_iters=WARM_UP_STEPS)
+        Leg(settings, None, watch(settings.eval_interval), None, 0).train()
 
     def pid(self) -> int:
         return os.getpid()

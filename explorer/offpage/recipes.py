@@ -89,6 +89,7 @@ def watch(eval_interval: int) -> dict:
     return dict(sample_every=max(100, eval_interval))
 
 
+ROOM_RECIPE = "Room (everyone at once)"
 # Named starting points that make sense on a shared CPU; each sets the whole form. (A timed recipe's
 # max_iters holds only until the server's costs are measured: see RECIPE_SECONDS.)
 RECIPES: dict[str, tuple[str, Settings]] = {
@@ -103,7 +104,7 @@ RECIPES: dict[str, tuple[str, Settings]] = {
         "The shape of the shipped stage checkpoints at a third of their budget: give each group a "
         "different stage, then compare the val losses.",
         Settings(preset="one_head", n_layer=1, n_head=1, max_iters=1000, batch_size=32)),
-    "Room (everyone at once)": (
+    ROOM_RECIPE: (
         "A small model for a whole room training together, with Muon: a few hundred steps each, so thirty "
         "participants on a small server are all done within minutes.",
         Settings(n_layer=2, n_head=2, n_embd=32, block_size=32, max_iters=400, batch_size=16, optimizer="muon")),

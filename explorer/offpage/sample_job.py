@@ -5,11 +5,16 @@ a click elsewhere does not throw the sample away (a script run is stopped by any
 The job never calls st.*; the Sample view polls `result()` while `alive`.
 """
 
+import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
 from core.engine import Engine
+from explorer.offpage.polling import poll_seconds
+
+POLL_S = 0.5  # how often the page shows the characters written so far, where it writes alone
 
 
 @dataclass
@@ -24,10 +29,23 @@ class SampleJob:
     """`length` characters after `prompt_ids` from `engine`'s model, with `settings` (temperature,
     top_k, top_p, seed, window) as Engine.submit takes them."""
 
+    _all: "weakref.WeakSet[SampleJob]" = weakref.WeakSet()  # the server's, every session's
+
     def __init__(self, engine: Engine, label: str, prompt_ids: list[int], length: int, settings: dict):
         self.label, self.prompt_ids, self.length = label, list(prompt_ids), length
         self._request = engine.submit(self.prompt_ids, length, **settings)
         self._vocab = engine.model.config.vocab_size
+        self._started, self._seen_done = time.monotonic(), False
+        SampleJob._all.add(self)
+
+    @classmethod
+    def poll_seconds(cls) -> float:
+        """How often a writing job's page shows its text: more seldom while the room samples at
+        once. Counts the jobs not seen done by their pages (asking each would cost a call to a
+        sampling worker) in the last minute (a page closed while it wrote never looks again)."""
+        now = time.monotonic()
+        writing = sum(not job._seen_done and now - job._started < 60 for job in list(cls._all))
+        return poll_seconds(writing, POLL_S)
 
     @property
     def error(self) -> str | None:
@@ -43,7 +61,8 @@ class SampleJob:
 
     @property
     def alive(self) -> bool:
-        return not self._request.done
+        self._seen_done = self._request.done
+        return not self._seen_done
 
     def result(self) -> Sample:
         """What it has written so far (all of it once it is no longer alive)."""

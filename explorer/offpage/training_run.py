@@ -22,6 +22,7 @@ from core import experiments
 from core.checkpoint import Checkpoint, checkpoint_bytes
 from core.lens import patterns, run_with_cache
 from core.trainer import Trainer
+from explorer.offpage.polling import QUEUED_POLL_S, ROOM_POLLS_PER_S, poll_seconds
 
 MAX_SNAPSHOTS = 60  # attention snapshots kept per run; older ones are thinned out
 RECENT_STEPS = 20  # steps whose median time predicts the next ones
@@ -31,7 +32,6 @@ RECENT_STEPS = 20  # steps whose median time predicts the next ones
 # the in-context gap, and level off above it; for contexts under 32 characters even attention
 # comes within a factor of three of it (benchmarks/README.md).
 INDUCTION_AT = 0.1
-ROOM_POLLS_PER_S = 15  # the live views of a room's trainings together (TrainingSlots.poll_seconds)
 
 
 class TrainingSlots:
@@ -55,6 +55,14 @@ class TrainingSlots:
             if ticket in self._running:
                 return 0
             return self._waiting.index(ticket) + 1 if ticket in self._waiting else -1
+
+    def try_acquire(self, ticket) -> bool:
+        """A slot now, if one is free and nobody is waiting for it; False (and not queued) otherwise."""
+        with self._cond:
+            if self._waiting or len(self._running) >= self.capacity:
+                return False
+            self._running.append(ticket)
+            return True
 
     def acquire(self, ticket, cancelled: threading.Event) -> bool:
         """Wait for a slot; False if cancelled while waiting."""
@@ -87,11 +95,12 @@ class TrainingSlots:
         with self._cond:
             return len(self._waiting)
 
-    def poll_seconds(self, polls_per_s: float = ROOM_POLLS_PER_S) -> float:
-        """How often the page of each training (running or queued) looks at it: once a second,
-        and more seldom in a room of more than polls_per_s, so the room's polls together stay
-        near polls_per_s: each poll is a script run on the one server."""
-        return max(1.0, (self.running + self.waiting) / polls_per_s)
+    def poll_seconds(self, queued: bool = False, polls_per_s: float = ROOM_POLLS_PER_S) -> float:
+        """How often the page of a running training looks at it (once a second, alone), or of
+        a queued one, whose place and start time change slowly (every QUEUED_POLL_S)."""
+        if queued:
+            return poll_seconds(self.waiting, QUEUED_POLL_S, polls_per_s)
+        return poll_seconds(self.running, 1.0, polls_per_s)
 
     def forecast(self, seconds_left: Callable[[object], float | None]) -> tuple[dict[object, float], float] | None:
         """When each waiting ticket should start, and when the last training should end (seconds
@@ -294,8 +303,9 @@ class Runner:
         if self.alive or self.weights_lost:
             return
         self._stop.clear()
-        self.book.set(status="queued", message="")
-        self._thread = threading.Thread(target=self._main, name="gpt-explorer-training", daemon=True)
+        slot = self.slots.try_acquire(self)  # a free slot is taken now: the page that started it sees it running
+        self.book.set(status="running" if slot else "queued", message="")
+        self._thread = threading.Thread(target=self._main, args=(slot,), name="gpt-explorer-training", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -331,8 +341,8 @@ class Runner:
         ckpt = self.checkpoint()
         return checkpoint_bytes(ckpt.model, ckpt.tokenizer, ckpt.train_config, ckpt.record)
 
-    def _main(self) -> None:
-        if not self.slots.acquire(self, self._stop):
+    def _main(self, slot: bool) -> None:
+        if not (slot or self.slots.acquire(self, self._stop)):
             self.book.set(status="stopped", message="left the queue")
             return
         try:

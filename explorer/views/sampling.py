@@ -12,7 +12,6 @@ from explorer.offpage import figures
 from explorer.offpage.sample_job import Sample, SampleJob
 
 TOP_CHARS = 15
-POLL_S = 0.5  # how often the page shows the characters written so far
 PICK, CLICK = "sample_pick", "sample_text_click"  # the slider's key, the clickable text's
 WINDOWS = {"fast": "Fast: slide by half a block", "lecture": "The lecture's: slide by one character"}
 
@@ -59,7 +58,7 @@ def sample_view() -> None:
 def writing(job: SampleJob, ckpt: Checkpoint) -> None:
     """The text so far, polled while the job writes; one full rerun when it ends."""
 
-    @st.fragment(run_every=POLL_S)
+    @st.fragment(run_every=SampleJob.poll_seconds())
     def poll() -> None:
         if not job.alive:
             st.rerun(scope="app")

@@ -237,12 +237,13 @@ def start(limits) -> None:
 
 def progress(runner: Runner, slots: TrainingSlots) -> None:
     alive = runner.alive
-    poll_s = slots.poll_seconds()
+    queued = runner.snapshot().status == "queued"
+    poll_s = slots.poll_seconds(queued)
 
     @st.fragment(run_every=poll_s if alive else None)  # polls only while the thread runs
     def live() -> None:
-        if alive and not runner.alive:
-            st.rerun(scope="app")  # it just ended: redraw the whole page once, which ends the polling
+        if (alive and not runner.alive) or (queued and runner.snapshot().status != "queued"):
+            st.rerun(scope="app")  # it just ended or started: redraw the whole page once, which sets the polling
         p = runner.snapshot()
         controls(runner, p.status)
         status_line(runner, p, slots)
@@ -256,7 +257,7 @@ def progress(runner: Runner, slots: TrainingSlots) -> None:
             st.markdown(f"**A sample at step {it}** (200 characters after a newline, seed 0)")
             st.code(text, language=None, wrap_lines=True)
 
-    @st.fragment(run_every=max(SNAPSHOT_POLL_S, poll_s) if alive else None)
+    @st.fragment(run_every=max(SNAPSHOT_POLL_S, poll_s) if alive and not queued else None)
     def formed() -> None:
         p = runner.snapshot()
         if p.snapshots and p.snapshots[-1][1].size:
