@@ -174,6 +174,8 @@ class Session:
             self.errors.append((self.name, kind, f"no script_finished: {type(e).__name__}"))
             return None
         seconds = time.perf_counter() - t0
+        if fragment_id and fragment_id not in self.auto_reruns:  # the poll that saw the end redrew the page
+            kind += ", last"
         self.latencies.append((kind, seconds))
         return seconds
 

@@ -225,7 +225,7 @@ def run_backend(workers: str, args, text: Path) -> dict:
     trainings = [s.training for s in sessions]
     first = min(t.clicked for t in trainings)
     done = [t.finished for t in trainings if t.finished is not None]
-    while_training = [s for k, s in latencies if k in ("train poll", "sample poll")]
+    while_training = [s for k, s in latencies if k.startswith(("train poll", "sample poll"))]
     span = max((g + w for g, w in written), default=0) - min((g for g, _ in written), default=0)
     return dict(finished=len(done), last_done_s=(max(done) - first) if len(done) == len(trainings) else None,
                 to_done_s=percentiles([t.finished - t.clicked for t in trainings if t.finished]),

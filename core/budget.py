@@ -16,9 +16,10 @@ The budgets are environment variables an instructor may set, read when asked:
 The shipped checkpoints need at most 43 MB and 80 MB (full-gpu), and 6 layers.
 """
 
+import functools
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 
 import torch
 
@@ -143,7 +144,14 @@ def expected_tensors(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors a checkpoint of this config holds (a tied lm_head once).
 
     Read from a model on the meta device (no memory) with one block, whose names are repeated
-    for every layer: building thousands of blocks, even on the meta device, takes seconds."""
+    for every layer: building thousands of blocks, even on the meta device, takes seconds. Kept
+    for the last few configs: the Train page asks at every script run of every participant."""
+    return dict(_expected_tensors(astuple(config)))  # a copy: the caller's to change
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_tensors(fields: tuple) -> dict[str, tuple[int, ...]]:
+    config = GPTConfig(*fields)
     with torch.device("meta"):
         model = GPT(replace(config, n_layer=1))
     state = model.state_dict()

@@ -37,6 +37,7 @@ from test_checkpoint import VOCAB, Payload
 from test_train_view import TEXT, click, step
 
 from core import GPTConfig
+from core.budget import param_count
 from core.checkpoint import CheckpointError, load_checkpoint, paths, save_checkpoint
 from core.convert import PlainUnpickler
 from core.trainer import Trainer
@@ -442,7 +443,7 @@ def test_the_server_config_fits_the_caps_and_sends_nothing_out():
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert config["browser"]["gatherUsageStats"] is False and config["runner"]["postScriptGC"] is False
     max_upload = config["server"]["maxUploadSize"] * 2**20  # Streamlit counts MiB
-    lecture_model = recipes.count_params(GPTConfig.from_preset("full", vocab_size=65)) * 4  # float32
+    lecture_model = param_count(GPTConfig.from_preset("full", vocab_size=65)) * 4  # float32
     assert lecture_model < max_upload and recipes.read_limits()[0].max_text_bytes <= max_upload
 
 

@@ -83,6 +83,20 @@ def test_a_room_generating_on_a_new_model_sends_it_once(local_ray, ckpt):
     assert ray.get(ray_sampling.host().load_counts.remote())["room"] == 1  # one engine: written together
 
 
+def test_a_generate_waits_for_nothing_on_the_worker(local_ray, ckpt, monkeypatch):
+    """The page's script run sends the request (and the model, new to the worker) and goes on."""
+    def no_waiting(*args, **kwargs):
+        raise AssertionError("submit waited for the worker")
+
+    remote = ray_sampling.RemoteEngine(ckpt, "no waiting")
+    ray_sampling.host()
+    with monkeypatch.context() as patch:
+        patch.setattr(ray, "get", no_waiting)
+        patch.setattr(ray, "wait", no_waiting)
+        request = remote.submit([1], 30, seed=4)
+    assert request.wait(TIMEOUT) and request.error is None and len(request.new_ids) == 30
+
+
 def test_bad_settings_are_refused_before_anything_is_sent(local_ray, ckpt):
     remote = ray_sampling.RemoteEngine(ckpt, "bad")
     with pytest.raises(ValueError, match="temperature"):

@@ -4,11 +4,12 @@ interpreter's lock with every page's script run, at each of its torch calls: in 
 turns, not the sums, set how long a sample takes (benchmarks/README.md, the room).
 
 One `SamplingHost` actor holds a sampling engine (core.engine) for each of the last few models
-asked for: every Generate on one model is still written in one batch. A model's weights travel
-once, as checkpoint bytes (safetensors and JSON: loading them runs no code). The page's side,
-`RemoteEngine`, takes Engine.submit's arguments; its requests fetch what the worker has written
-when the page looks at them, at most every PULL_S. A worker that dies fails its requests with a
-message, and the next Generate starts a new one. Nothing here calls st.*.
+asked for: every Generate on one model is still written in one batch. A model's weights are put
+in Ray's object store once, as checkpoint bytes (safetensors and JSON: loading them runs no
+code). The page's side, `RemoteEngine`, takes Engine.submit's arguments and returns at once; its
+requests fetch what the worker has written when the page looks at them, at most every PULL_S. A
+worker that dies fails its requests with a message, and the next Generate starts a new one.
+Nothing here calls st.*.
 """
 
 import itertools
@@ -20,7 +21,7 @@ from collections import OrderedDict
 import numpy as np
 import ray
 import torch
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import RayTaskError
 
 from core.checkpoint import Checkpoint, checkpoint_bytes, load_checkpoint_bytes
 from core.engine import Engine, Request
@@ -42,40 +43,42 @@ class SamplingHost:
         self.requests: dict[int, Request] = {}
         self.loads: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
 
     def pid(self) -> int:
         return os.getpid()
-
-    def load(self, key: str, weights: bytes, meta: bytes) -> None:
-        """The model's engine, unless it is here already (its requests are written together)."""
-        if key in self.engines:
-            return
-        model = load_checkpoint_bytes(weights, meta).model
-        with self._lock:
-            if key in self.engines:
-                return
-            self.engines[key] = Engine(model, thread_name="gpt-explorer-sample")
-            self.loads[key] = self.loads.get(key, 0) + 1
-            idle = [k for k, engine in self.engines.items() if not engine.running and k != key]
-            for k in idle[:max(0, len(self.engines) - MODELS)]:
-                del self.engines[k]
 
     def load_counts(self) -> dict[str, int]:
         """How often each model was loaded (again after it was dropped for others)."""
         return dict(self.loads)
 
-    def submit(self, key: str, request_id: int, prompt_ids: list[int], length: int, settings: dict) -> bool:
-        """Queue the request on the model's engine; False if the model is not here (load it)."""
-        with self._lock:
-            engine = self.engines.get(key)
-            if engine is None:
-                return False
-            self.engines.move_to_end(key)
+    def submit(self, key: str, checkpoint: list, request_id: int, prompt_ids: list[int], length: int,
+               settings: dict) -> None:
+        """Queue the request on the model's engine, loaded first from `checkpoint` (a list holding
+        the reference to its bytes, so Ray hands the reference over, not the bytes) if it is not here."""
+        engine = self._engine(key, checkpoint[0])
         self.requests[request_id] = engine.submit(prompt_ids, length, **settings)
         unread = time.monotonic() - FORGET_S  # done long ago, never fetched: its page was closed
         for old in [i for i, r in self.requests.items() if r.done and r.finished < unread]:
             del self.requests[old]
-        return True
+
+    def _engine(self, key: str, checkpoint) -> Engine:
+        """The model's engine; a room's first Generates on a new model load it once, together."""
+        with self._lock:
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            with self._lock:
+                if key in self.engines:
+                    self.engines.move_to_end(key)
+                    return self.engines[key]
+            model = load_checkpoint_bytes(*ray.get(checkpoint)).model
+            with self._lock:
+                engine = self.engines[key] = Engine(model, thread_name="gpt-explorer-sample")
+                self.loads[key] = self.loads.get(key, 0) + 1
+                idle = [k for k, e in self.engines.items() if not e.running and k != key]
+                for k in idle[:max(0, len(self.engines) - MODELS)]:
+                    del self.engines[k]
+                return engine
 
     def since(self, request_id: int, n: int) -> tuple[list[int], np.ndarray, bool, str | None]:
         """What the request wrote from character n on, whether it is done, and its error. Once
@@ -135,11 +138,14 @@ def _lost(dead) -> None:
 
 
 class RemoteEngine:
-    """Engine.submit for a checkpoint's model, written on the sampling worker."""
+    """Engine.submit for a checkpoint's model, written on the sampling worker. A submit sends
+    the request and returns: the worker loads the model first if need be, and the page's script
+    run waits for neither."""
 
     def __init__(self, ckpt: Checkpoint, key: str):
         self.ckpt, self.key = ckpt, key
-        self._load_lock = threading.Lock()  # a room's Generates on a new model send it once
+        self._sent = None  # (worker, reference to the checkpoint's bytes in Ray's object store)
+        self._sent_lock = threading.Lock()  # a room's Generates on a new model put it there once
 
     @property
     def model(self):
@@ -153,26 +159,24 @@ class RemoteEngine:
             return local
         worker = host()
         request_id = next(_request_ids)
-        send = (self.key, request_id, list(local.prompt_ids), length, settings)
-        try:
-            if not ray.get(worker.submit.remote(*send)):
-                with self._load_lock:
-                    if not ray.get(worker.submit.remote(*send)):
-                        ray.get(worker.load.remote(self.key, *checkpoint_bytes(self.ckpt.model, self.ckpt.tokenizer)))
-                        ray.get(worker.submit.remote(*send))
-        except RayTaskError as e:  # the worker is up, the request failed there
-            return RemoteRequest.failed(f"the sampling worker could not write it: {e.cause}")
-        except RayError as e:
-            _lost(worker)
-            return RemoteRequest.failed(f"the sampling worker stopped ({why_stopped(e)}): Generate again")
-        return RemoteRequest(worker, request_id)
+        queued = worker.submit.remote(self.key, [self._checkpoint(worker)], request_id, list(local.prompt_ids),
+                                      length, settings)
+        return RemoteRequest(worker, request_id, queued)
+
+    def _checkpoint(self, worker):
+        """The reference to the model's bytes (put once for each worker: a new one may be in a new Ray)."""
+        with self._sent_lock:
+            if self._sent is None or self._sent[0] is not worker:
+                self._sent = worker, ray.put(checkpoint_bytes(self.ckpt.model, self.ckpt.tokenizer))
+            return self._sent[1]
 
 
 class RemoteRequest:
     """The parts of core.engine.Request a Sample job reads, mirrored from the worker."""
 
-    def __init__(self, worker, request_id: int):
+    def __init__(self, worker, request_id: int, queued=None):
         self._worker, self._id = worker, request_id
+        self._queued = queued  # the worker's answer to submit, until it has come
         self.new_ids: list[int] = []
         self.probs: list[np.ndarray] = []
         self.error: str | None = None
@@ -212,7 +216,12 @@ class RemoteRequest:
                 return
             self._pulled = time.monotonic()
             try:
+                if not self._is_queued():
+                    return
                 new, probs, done, error = _ask(self._worker.since, self._id, len(self.new_ids))
+            except RayTaskError as e:  # the worker is up, submit failed there (since never raises)
+                self.error, self._done = f"the sampling worker could not write it: {e.cause}", True
+                return
             except Exception as e:
                 _lost(self._worker)
                 self.error, self._done = f"the sampling worker stopped ({why_stopped(e)}): Generate again", True
@@ -220,6 +229,17 @@ class RemoteRequest:
             self.probs.extend(probs)  # before new_ids, as the engine appends: never the shorter
             self.new_ids.extend(new)
             self.error, self._done = error, done
+
+    def _is_queued(self) -> bool:
+        """Whether the worker has the request (it may be loading the model); raises what submit raised."""
+        if self._queued is not None:
+            if not ray.is_initialized():
+                raise RuntimeError("Ray is no longer running")
+            if not ray.wait([self._queued], timeout=0)[0]:
+                return False
+            ray.get(self._queued)
+            self._queued = None
+        return True
 
 
 def _ask(method, *args):

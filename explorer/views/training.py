@@ -11,6 +11,7 @@ import streamlit as st
 import torch
 
 from core import PRESETS
+from core.budget import param_count
 from core.data import DataError, check_length, text_from_bytes
 from core.lens import head_stats
 from core.trainer import OPTIMIZERS
@@ -19,7 +20,7 @@ from explorer.glue.session import SessionThreads, session_threads
 from explorer.glue.train_setup import costs, new_runner, shakespeare_twice, training_slots
 from explorer.offpage import figures
 from explorer.offpage.classroom import RoomError
-from explorer.offpage.recipes import RECIPE_SECONDS, RECIPE_TEXTS, RECIPES, TWICE, Settings, count_params
+from explorer.offpage.recipes import RECIPE_SECONDS, RECIPE_TEXTS, RECIPES, TWICE, Settings
 from explorer.offpage.step_times import fit_steps, run_seconds
 from explorer.offpage.training_run import INDUCTION_AT, Progress, Runner, TrainingSlots
 
@@ -168,7 +169,7 @@ def form_model(settings: Settings, limits) -> tuple[int, int]:
         check_length(text, settings.block_size)
     vocab = vocab_size(text)
     settings.train_config()
-    return vocab, count_params(settings.model_config(vocab))
+    return vocab, param_count(settings.model_config(vocab))
 
 
 def estimate(settings: Settings, limits) -> bool:
