@@ -499,7 +499,8 @@ def main() -> None:
     cap = read_limits()[0].max_trainings or "default"  # as the server reads the same environment
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, GPT_EXPLORER_PRETRAINED=only_model(args.model, Path(tmp)), GPT_EXPLORER_DATA=str(text))
+        env = dict(os.environ, GPT_EXPLORER_PRETRAINED=only_model(args.model, Path(tmp)), GPT_EXPLORER_DATA=str(text),
+                   GPT_EXPLORER_ROOM_DIR=str(Path(tmp) / "room"))  # a room of its own: the board starts empty
         log_path = Path(tmp) / "server.log"
         with open(log_path, "w") as log:
             server = start_server(port, env, log)

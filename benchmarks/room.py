@@ -6,13 +6,13 @@ one whose trainings are Ray workers; the two side by side.
 Each backend gets a fresh `streamlit run explorer/app.py` driven by benchmarks/load.py's
 browserless sessions (Streamlit's own websocket protocol). Measured: the time from the first
 Start to the last training's end, against the compute bound (one training's CPU seconds, alone
-in one process (the median of 3 before the room and 3 after), times N over the cores);
-script-run latency while the room trains (p50, p95); each Generate's time from the click to
-the whole sample (p50, p95) and the room's characters a second; the peak memory of the server's
-process and of the processes it started (Ray's workers and daemons), and the CPU seconds each
-side and these clients used; errors (on a page, in the protocol, in the server's log). The
-room begins once the server, opened by one session as the teacher's would be, has gone quiet
-(its workers started and warm).
+in one process with its board reports, the median of 3 before the room and 3 after, times N
+over the cores); script-run latency while the room trains (p50, p95); each Generate's time from
+the click to the whole sample (p50, p95) and the room's characters a second; the peak memory of
+the server's process and of the processes it started (Ray's workers and daemons), and the CPU
+seconds each side and these clients used; errors (on a page, in the protocol, in the server's
+log). The room begins once the server, opened by one session as the teacher's would be, has
+gone quiet (its workers started and warm); each server gets an empty room (board) of its own.
 
     python -m benchmarks.room [--participants 30] [--within 10] [--backends threads ray]
 """
@@ -43,6 +43,7 @@ from benchmarks.load import (
     warm_up,
 )
 from core.data import CACHE_DIR, DATA_ENV, load_shakespeare
+from explorer.offpage.classroom import EvalReporter, open_room
 from explorer.offpage.recipes import RECIPES, ROOM_RECIPE, make_trainer, probe_ids, watch
 from explorer.offpage.training_run import TrainingRunner, TrainingSlots
 
@@ -53,7 +54,8 @@ ALONE_RUNS = 3  # one training alone varies by a fifth from run to run: the boun
 
 def training_cpu_s() -> float:
     """CPU seconds of one room training, alone in this process on one thread, with the live
-    view's samples and snapshots (what every participant's training also does)."""
+    view's samples and snapshots and the board's checkpoint and val loss at each evaluation
+    (what every participant's training also does)."""
     import torch
 
     from core.data import Corpus
@@ -63,10 +65,14 @@ def training_cpu_s() -> float:
     trainer = make_trainer(settings, None, lambda block_size: Corpus(load_shakespeare(), block_size))
     runner = TrainingRunner(trainer, TrainingSlots(1), probe_ids=probe_ids(trainer.corpus, settings.block_size),
                             **watch(settings.eval_interval))
-    t0 = time.process_time()
-    runner.start()
-    runner.join()
-    return time.process_time() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        room = open_room(tmp)
+        training = room.add_training(room.join("alone")[0].id, "run", ROOM_RECIPE, "", settings.max_iters)
+        runner.room_reporter = EvalReporter(tmp, training)
+        t0 = time.process_time()
+        runner.start()
+        runner.join()
+        return time.process_time() - t0
 
 
 def settle(pid: int, quiet_s: float = 0.05, at_most_s: float = 60.0) -> None:
@@ -211,7 +217,8 @@ def run_backend(workers: str, args, text: Path) -> dict:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, GPT_EXPLORER_WORKERS=workers, GPT_EXPLORER_DATA=str(text),
-                   GPT_EXPLORER_PRETRAINED=only_model(args.model, Path(tmp)), STREAMLIT_RUNNER_POST_SCRIPT_GC="false")
+                   GPT_EXPLORER_PRETRAINED=only_model(args.model, Path(tmp)), STREAMLIT_RUNNER_POST_SCRIPT_GC="false",
+                   GPT_EXPLORER_ROOM_DIR=str(Path(tmp) / "room"))  # a room of its own: the board starts empty
         log_path = Path(tmp) / "server.log"
         with open(log_path, "w") as log:
             server = start_server(port, env, log)

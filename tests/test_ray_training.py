@@ -136,6 +136,18 @@ def test_trainings_reuse_the_warm_workers_and_a_dead_one_is_replaced(local_ray):
     assert trained_on(ray_runner(slots, long)) != dead
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores, Linux")
+def test_each_host_keeps_a_core_of_its_own(local_ray):
+    """A replaced host (the test above killed one) takes the core its predecessor left."""
+    hosts = [ray_training.HOSTS.borrow()[0] for _ in range(2)]
+    try:
+        cores = [os.sched_getaffinity(ray.get(h.pid.remote(), timeout=TIMEOUT)) for h in hosts]
+    finally:
+        for h in hosts:
+            ray_training.HOSTS.give_back(h, healthy=True)
+    assert all(len(c) == 1 for c in cores) and cores[0] != cores[1], cores
+
+
 # The Train view on Ray workers ------------------------------------------------------------
 
 
