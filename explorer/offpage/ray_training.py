@@ -46,7 +46,7 @@ DEFAULT_GPU_SHARE = 0.1
 WORKER_NICE = 19
 POLL_S = 0.5  # how often the page side asks its worker for news
 STOP_GRACE_S = 30.0  # a stopped training whose worker has not answered by then is killed
-WARM_UP_STEPS = 10  # a host's first leg, cold, ran a second or two slower than the ones after it
+WARM_UP_STEPS = 10  # a host's first leg, cold, ran slower than the ones after it (benchmarks/README.md, the room)
 
 ROOT = Path(__file__).resolve().parents[2]  # workers import core and explorer from here, on every machine
 _start_lock = threading.Lock()
@@ -169,13 +169,13 @@ class Leg:
         return trainer
 
 
-def take_a_core() -> int | None:
+def take_a_core() -> None:
     """Pin this process to a core that no other training host on this machine holds, if one is
     left (Linux): the scheduler otherwise moves a training between cores as the server's threads
-    come and go, and each move starts it on cold caches (a room's trainings took a tenth more CPU
-    than alone; benchmarks/README.md, the room). The lock is the machine's: hosts start together."""
+    come and go, and each move starts it on cold caches (benchmarks/README.md, the room). The
+    lock is the machine's: hosts start together."""
     if not hasattr(os, "sched_setaffinity"):
-        return None
+        return
     import fcntl  # Unix only, as sched_setaffinity is Linux only
 
     with open(Path(tempfile.gettempdir()) / "gpt-explorer-cores.lock", "a") as lock:
@@ -190,10 +190,9 @@ def take_a_core() -> int | None:
                 taken |= cores
         free = sorted(os.sched_getaffinity(0) - taken)
         if not free:
-            return None
+            return
         for thread in os.listdir("/proc/self/task"):  # every thread, Ray's too; threads started later inherit it
             os.sched_setaffinity(int(thread), {free[0]})
-        return free[0]
 
 
 def _other_hosts() -> list[int]:
