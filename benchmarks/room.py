@@ -7,7 +7,8 @@ Each backend gets a fresh `streamlit run explorer/app.py` driven by benchmarks/l
 browserless sessions (Streamlit's own websocket protocol). Measured: the time from the first
 Start to the last training's end, against the compute bound (one training's CPU seconds, alone
 in one process with its board reports, the median of 3 before the room and 3 after, times N
-over the cores); script-run latency while the room trains (p50, p95); each Generate's time from
+over the cores; and the same with one such training on every core at once, as the room's workers
+train: a machine's cores share caches and memory); script-run latency while the room trains (p50, p95); each Generate's time from
 the click to the whole sample (p50, p95) and the room's characters a second; the peak memory of
 the server's process and of the processes it started (Ray's workers and daemons), and the CPU
 seconds each side and these clients used; errors (on a page, in the protocol, in the server's
@@ -19,6 +20,7 @@ gone quiet (its workers started and warm); each server gets an empty room (board
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -73,6 +75,21 @@ def training_cpu_s() -> float:
         runner.start()
         runner.join()
         return time.process_time() - t0
+
+
+def crowded_training_cpu_s(core: int) -> list[float]:
+    """training_cpu_s() ALONE_RUNS times in a process of its own pinned to one core (Linux), while
+    a process on every other core does the same: what a training costs when the whole machine
+    trains, as in the room, whose cores share caches and memory (and may be one physical core's
+    two threads)."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[core % len(os.sched_getaffinity(0))]})
+    return [training_cpu_s() for _ in range(ALONE_RUNS)]
+
+
+def crowded_runs(cores: int) -> list[float]:
+    with multiprocessing.get_context("spawn").Pool(cores) as pool:
+        return [s for runs in pool.map(crowded_training_cpu_s, range(cores)) for s in runs]
 
 
 def settle(pid: int, quiet_s: float = 0.05, at_most_s: float = 60.0) -> None:
@@ -267,15 +284,20 @@ def main() -> None:
     alone = [training_cpu_s() for _ in range(ALONE_RUNS)]
     results = {workers: run_backend(workers, args, text) for workers in args.backends}
     alone += [training_cpu_s() for _ in range(ALONE_RUNS)]  # after too: a VM's speed drifts over minutes
-    one = common.median(alone)
-    bound = one * args.participants / cores
+    crowded = crowded_runs(cores)
+    one, one_crowded = common.median(alone), common.median(crowded)
+    bound, bound_crowded = one * args.participants / cores, one_crowded * args.participants / cores
     rows = [("one training alone", f"{one:.1f} s CPU",
              f"{ROOM_RECIPE}: the median of {', '.join(f'{a:.1f}' for a in alone[:ALONE_RUNS])} (before the room) "
              f"and {', '.join(f'{a:.1f}' for a in alone[ALONE_RUNS:])} (after)"),
-            ("compute bound", f"{bound:.0f} s", f"{args.participants} trainings over {cores} cores")]
+            ("one training, every core training", f"{one_crowded:.1f} s CPU",
+             f"the median of {len(crowded)}: {cores} processes at once, one a core, as the room's workers are"),
+            ("compute bound", f"{bound:.0f} s", f"{args.participants} trainings over {cores} cores, each as alone"),
+            ("compute bound, every core training", f"{bound_crowded:.0f} s", "each as with every core training")]
     for workers, r in results.items():
         last = f"{r['last_done_s']:.0f} s" if r["last_done_s"] is not None else f"{r['finished']} finished"
-        ratio = f"{r['last_done_s'] / bound:.2f} x the bound" if r["last_done_s"] else ""
+        ratio = (f"{r['last_done_s'] / bound:.2f} x the bound; {r['last_done_s'] / bound_crowded:.2f} x with every "
+                 "core training" if r["last_done_s"] else "")
         rows += [(f"{workers}: last training done", last, ratio),
                  (f"{workers}: Start to done p50 / p95", f"{_s(r['to_done_s']['p50'])} / {_s(r['to_done_s']['p95'])}",
                   "each participant's wait for a trained model"),
@@ -295,7 +317,9 @@ def main() -> None:
                  (f"{workers}: errors", r["errors"], "; ".join(r["error_examples"]))]
     common.report(f"The room: {args.participants} participants start within {args.within:g} s", rows,
                   dict(machine=common.machine(), participants=args.participants, within_s=args.within,
-                       training_cpu_s=one, training_cpu_s_runs=alone, bound_s=bound, backends=results))
+                       training_cpu_s=one, training_cpu_s_runs=alone, bound_s=bound,
+                       crowded_training_cpu_s=one_crowded, crowded_training_cpu_s_runs=crowded,
+                       crowded_bound_s=bound_crowded, backends=results))
 
 
 def _s(x) -> str:
