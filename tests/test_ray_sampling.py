@@ -5,7 +5,10 @@ One local Ray instance with 2 CPUs serves the module; every wait is bounded.
 """
 
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +32,27 @@ def local_ray():
     ray_training.start_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+FIRST_LOAD = """
+import sys
+from explorer.offpage.ray_sampling import SamplingHost
+from core.checkpoint import load_checkpoint
+SamplingHost()  # as Ray builds the actor
+before = set(sys.modules)
+load_checkpoint("pretrained/cpu-best.json")
+print(sorted(set(sys.modules) - before))
+"""
+
+
+def test_a_new_sampling_host_has_made_torchs_first_calls_before_its_first_model():
+    """The first model a process checks imports torch._dynamo, which the room's first Generate
+    paid for in the room: the host's warm-up does it, at the server's first page view."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", FIRST_LOAD], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"  # loading the first model imported nothing
 
 
 @pytest.fixture(scope="module")

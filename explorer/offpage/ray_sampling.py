@@ -23,8 +23,9 @@ import ray
 import torch
 from ray.exceptions import RayTaskError
 
+from core import GPT, CharTokenizer, GPTConfig
 from core.checkpoint import Checkpoint, checkpoint_bytes, load_checkpoint_bytes
-from core.engine import Engine, Request
+from core.engine import Engine, Request, stream
 from explorer.offpage import ray_training
 from explorer.offpage.ray_training import why_stopped
 
@@ -44,6 +45,18 @@ class SamplingHost:
         self.loads: dict[str, int] = {}
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self._warm_up()
+
+    @staticmethod
+    def _warm_up() -> None:
+        """A tiny model loaded from its bytes and a few characters from it, before the host is
+        asked for any (it starts at the server's first page view): torch's first calls are made
+        here, not in the room's first Generate (the first model checked on the meta device
+        imports torch._dynamo)."""
+        model = GPT(GPTConfig(vocab_size=2, block_size=4, n_layer=1, n_head=1, n_embd=4))
+        ckpt = load_checkpoint_bytes(*checkpoint_bytes(model, CharTokenizer("ab")))
+        for _ in stream(ckpt.model, [0], 3):
+            pass
 
     def pid(self) -> int:
         return os.getpid()
