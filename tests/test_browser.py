@@ -52,10 +52,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, shakespeare):
     """The app served by `streamlit run` on a free port, with the shipped checkpoints and one
     training slot, its log in a file; shared by this module's tests (each in sessions of its own,
-    and the warm caches save each the loading), stopped at the end."""
+    and the warm caches save each the loading), stopped at the end. Its trainings read Tiny
+    Shakespeare: without a copy the tests skip, as the AppTest ones do, rather than wait on a
+    download."""
     port, log_path = free_port(), tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, PRETRAINED_ENV: str(SHIPPED), "GPT_EXPLORER_MAX_TRAININGS": "1"}
     with open(log_path, "wb") as log:
