@@ -7,9 +7,10 @@ Each backend gets a fresh `streamlit run explorer/app.py` driven by benchmarks/l
 browserless sessions (Streamlit's own websocket protocol). Measured: the time from the first
 Start to the last training's end, against the compute bound (one training's CPU seconds, alone
 in one process with its board reports, the median of 3 before the room and 3 after, times N
-over the cores; and the same with one such training on every core at once, as the room's workers
-train: a machine's cores share caches and memory); script-run latency while the room trains (p50, p95); each Generate's time from
-the click to the whole sample (p50, p95) and the room's characters a second; the peak memory of
+over the cores; and the same with one such training on every core at once, as the room's
+workers train: a machine's cores share caches and memory); script-run latency while the room
+trains (p50, p95); each Generate's time from the click to the whole sample (p50, p95) and the
+room's characters a second; the peak memory of
 the server's process and of the processes it started (Ray's workers and daemons), and the CPU
 seconds each side and these clients used; errors (on a page, in the protocol, in the server's
 log). The room begins once the server, opened by one session as the teacher's would be, has
@@ -83,7 +84,8 @@ def crowded_training_cpu_s(core: int) -> list[float]:
     trains, as in the room, whose cores share caches and memory (and may be one physical core's
     two threads)."""
     if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[core % len(os.sched_getaffinity(0))]})
+        allowed = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {allowed[core % len(allowed)]})
     return [training_cpu_s() for _ in range(ALONE_RUNS)]
 
 
