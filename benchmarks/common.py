@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,17 +103,27 @@ class Rounds:
                 f"others' share in each round, %: {shares}")
 
 
-def interleave(contestants: dict[str, Callable[[], object]], rounds: int, settle: float = 0.0) -> Rounds:
+def interleave(contestants: dict[str, Callable[[], object]], rounds: int, settle: float = 0.0,
+               label: str = "") -> Rounds:
     """Contestants take turns round after round, so that a noisy neighbour slows all of them
-    alike. Each round first waits up to `settle` seconds for the machine to go quiet."""
+    alike. Each round first waits up to `settle` seconds for the machine to go quiet. With a
+    label, each round's end is reported on stderr."""
     result = Rounds({name: [] for name in contestants})
-    for _ in range(rounds):
+    for i in range(rounds):
         wait_for_quiet(settle)
         with Busy() as busy:
             for name, fn in contestants.items():
                 result.times[name].append(_seconds(fn))
         result.others.append(busy.others)
+        if label:
+            progress(f"{label}: round {i + 1}/{rounds}, {sum(t[-1] for t in result.times.values()):.1f} s, "
+                     f"others {100 * busy.others:.0f}% of the CPU")
     return result
+
+
+def progress(line: str) -> None:
+    """A line on stderr at once: a long benchmark shows where it is (its table comes at the end)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def wait_for_quiet(timeout: float) -> None:

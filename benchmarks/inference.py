@@ -13,7 +13,6 @@
     python -m benchmarks.inference [--quick] [--threads N]
 """
 
-import sys
 import time
 
 import torch
@@ -73,7 +72,7 @@ def sampling(model: GPT, chars: int, rounds: int, settle: float) -> dict:
     timings = common.interleave(contestants, rounds, settle)
     chars_s = {name: chars / timings.median(name) for name in contestants}
     for name, v in chars_s.items():
-        progress(f"one stream, {chars} characters: {name} {v:.0f} characters/s")
+        common.progress(f"one stream, {chars} characters: {name} {v:.0f} characters/s")
     kv, lecture = out["kv_cache"], out["lecture"]
     # The fast window slides by half a block, the lecture's by one: they agree until the window first fills.
     agree = next((i for i, (a, b) in enumerate(zip(kv, lecture)) if a != b), len(kv))
@@ -109,7 +108,7 @@ def room(rounds: int, settle: float) -> dict:
         p50.append(common.median(waits))
         p95.append(waits[min(len(waits) - 1, round(0.95 * (len(waits) - 1)))])
         others.append(busy.others)
-        progress(f"room round {i + 1}/{rounds}: one stream {one[-1]:.0f} characters/s; {ROOM} at once "
+        common.progress(f"room round {i + 1}/{rounds}: one stream {one[-1]:.0f} characters/s; {ROOM} at once "
                  f"{many[-1]:.0f} characters/s ({many[-1] / one[-1]:.1f}x), whole text p50 {p50[-1]:.2f} s, "
                  f"p95 {p95[-1]:.2f} s; others {100 * busy.others:.0f}% of the CPU")
     while engine.running:  # its thread ends on its own: let it, before the interpreter exits
@@ -120,16 +119,12 @@ def room(rounds: int, settle: float) -> dict:
                 p95_s=common.median(p95), rounds=dict(one=one, room=many, p50=p50, p95=p95, others_cpu_share=others))
 
 
-def progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def main() -> None:
     args = common.parse_args(__doc__)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("full", vocab_size=65)).eval()  # random weights: speed only
     cap = capture(model, rounds=5 if args.quick else 25, settle=args.settle)
-    progress(f"capture: fast forward {cap['fast_ms']:.1f} ms, filling the cache {cap['cache_ms']:.1f} ms")
+    common.progress(f"capture: fast forward {cap['fast_ms']:.1f} ms, filling the cache {cap['cache_ms']:.1f} ms")
     samp = sampling(model, chars=150 if args.quick else CHARS, rounds=1 if args.quick else 3, settle=args.settle)
     rm = room(rounds=1 if args.quick else 5, settle=args.settle)
     judged = not args.quick

@@ -20,7 +20,7 @@ from benchmarks import common
 from benchmarks.reference import NanoGPT, NanoRecipe, RefConfig, nanogpt_train
 from core.data import Corpus
 from core.train import RECIPES, model_config, parse_args, train_config
-from core.trainer import TrainConfig, Trainer, _fast_bf16
+from core.trainer import TrainConfig, Trainer, fast_bf16
 
 TARGET_LOSS = 1.88
 TARGET_TIME = 0.5  # at most this fraction of the reference's wall time
@@ -51,10 +51,6 @@ def scaled(options: str, fraction: float) -> str:
     return " ".join(words)
 
 
-def progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def run_reference(corpus: Corpus, fraction: float, settle: float) -> dict:
     recipe = NanoRecipe()
     recipe.max_iters = recipe.lr_decay_iters = int(recipe.max_iters * fraction)
@@ -75,7 +71,7 @@ def run_project(text_corpus: Corpus, options: str, settle: float) -> dict:
     with common.Busy() as busy:
         trainer = Trainer(model_config(args, text_corpus.tokenizer.vocab_size), train_config(args, TrainConfig()),
                           text_corpus)
-        trainer.train(on_eval=lambda losses: progress(f"  step {trainer.record.iters}: val {losses['val']:.4f}"))
+        trainer.train(on_eval=lambda losses: common.progress(f"  step {trainer.record.iters}: val {losses['val']:.4f}"))
     evals = [(row["iter"], round(row["val_loss"], 4)) for row in trainer.history if "val_loss" in row]
     return dict(cli=f"python -m core.train {options}", bf16=trainer.bf16, wall_s=busy.wall,
                 own_val_loss=trainer.record.val_loss, val_loss=val_loss(trainer.model, text_corpus),
@@ -89,14 +85,14 @@ def pairs(corpus: Corpus, rounds: int, fraction: float, settle: float) -> tuple[
     for r in range(rounds):
         for side in ("reference", "project") if r % 2 == 0 else ("project", "reference"):
             if side == "reference":
-                progress(f"round {r + 1}: nanoGPT's recipe, its loop ...")
+                common.progress(f"round {r + 1}: nanoGPT's recipe, its loop ...")
                 references.append(run_reference(corpus, fraction, settle))
                 done = references[-1]
             else:
-                progress(f"round {r + 1}: the project's recipe ...")
+                common.progress(f"round {r + 1}: the project's recipe ...")
                 projects.append(run_project(corpus, scaled(RECIPE, fraction), settle))
                 done = projects[-1]
-            progress(f"  {done['wall_s']:.1f} s, val {done['val_loss']:.4f}, others {100 * done['others_cpu_share']:.0f}%")
+            common.progress(f"  {done['wall_s']:.1f} s, val {done['val_loss']:.4f}, others {100 * done['others_cpu_share']:.0f}%")
     return references, projects
 
 
@@ -112,7 +108,7 @@ def main() -> None:
     references, projects = pairs(corpus, chosen.rounds, fraction, args.settle)
     # Is bfloat16 as good as float32? nanoGPT's recipe on the project's trainer, once in each
     # (bfloat16 only where the CPU has it: elsewhere it is emulated, and never used).
-    precisions = () if chosen.no_check else ("float32", "bfloat16") if _fast_bf16(torch.device("cpu")) else ("float32",)
+    precisions = () if chosen.no_check else ("float32", "bfloat16") if fast_bf16(torch.device("cpu")) else ("float32",)
     precision = {p: run_project(corpus, scaled(f"{NANOGPT_RECIPE} --precision {p}", fraction), args.settle)
                  for p in precisions}
     ratios = [ours["wall_s"] / reference["wall_s"] for ours, reference in zip(projects, references)]

@@ -1,6 +1,9 @@
 """Goal 1: training throughput at nanoGPT's CPU recipe (4 layers, 4 heads, 128 dims, block 64,
 batch 12), the project's trainer as the command line builds it against nanoGPT's loop, with
 the levers measured one at a time on the reference. All contestants take turns in one process.
+bfloat16 (its matmul peak and its levers) is measured only where the CPU has bfloat16 matmul
+instructions that torch uses: elsewhere it is emulated (a 2048^2 product took 56 s on an AVX2
+EPYC) and the trainer never picks it. Progress goes to stderr as it runs.
 
     python -m benchmarks.train_speed [--quick]
 """
@@ -13,6 +16,7 @@ from benchmarks import common
 from benchmarks.reference import LectureGPT, NanoGPT, NanoRecipe, RefConfig, lecture_step, nano_get_batch, nanogpt_step
 from core import GPT, GPTConfig
 from core.train import build_parser, make_trainer
+from core.trainer import fast_bf16
 
 BATCH, BLOCK = 12, 64
 # The recipe as command-line options of `python -m core.train`.
@@ -84,9 +88,10 @@ def batch_cost_us(trainer, data: torch.Tensor, calls: int = 200) -> dict[str, fl
 
 
 def measure(contestants: dict, reference: str, rounds: int, steps: int, settle: float, flops: float,
-            peak: float) -> tuple[dict, common.Rounds]:
+            peak: float, label: str) -> tuple[dict, common.Rounds]:
     """ms/iter, tokens/s, speed-up over the reference (paired by round) and MFU of each contestant."""
-    timings = common.interleave({name: (lambda r=run: r(steps)) for name, run in contestants.items()}, rounds, settle)
+    timings = common.interleave({name: (lambda r=run: r(steps)) for name, run in contestants.items()}, rounds, settle,
+                                label)
     figures = {}
     for name in contestants:
         ms = 1000 * timings.median(name) / steps
@@ -99,32 +104,41 @@ def measure(contestants: dict, reference: str, rounds: int, steps: int, settle: 
 def main() -> None:
     args = common.parse_args(__doc__)
     common.wait_for_quiet(args.settle)
-    peaks = {"float32": common.matmul_peak(torch.float32), "bfloat16": common.matmul_peak(torch.bfloat16)}
+    bf16 = fast_bf16(torch.device("cpu"))
+    peaks = {}
+    for name, dtype in {"float32": torch.float32, **({"bfloat16": torch.bfloat16} if bf16 else {})}.items():
+        peaks[name] = common.matmul_peak(dtype)
+        common.progress(f"matmul peak, 2048^2 ({name}): {peaks[name]:.0f} GFLOP/s")
     flops = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=BLOCK, bias=False)).flops_per_token(BLOCK)
     trainer, trainer_run = trainer_contestant()
     precision = "bfloat16" if trainer.bf16 else "float32"
-    other = "float32" if trainer.bf16 else "bfloat16"
     data = trainer.corpus.splits["train"]
     reference = "nanoGPT reference (fp32, default AdamW, .item() each step)"
     headline = f"project trainer, CLI defaults (precision auto: {precision})"
     pair = {headline: trainer_run, reference: Reference(data).run}
-    levers = {reference: pair[reference],
-              f"project trainer --precision {other}": trainer_contestant(f"--precision {other}")[1],
-              "lecture per-head modules (fp32)": lecture_contestant(data),
-              "  + fused AdamW": Reference(data, fused_adamw=True).run,
-              "  + bf16 autocast": Reference(data, bf16=True).run,
-              "  + no .item() per step": Reference(data, item=False).run,
-              "  with 1 thread": Reference(data, threads=1).run}
-    compiled = None if args.quick else Reference(data, compile=True)  # longer than the --quick budget
+    levers = {reference: pair[reference]}
+    if bf16:  # precision auto took bfloat16: float32 is the lever (elsewhere auto is float32 already)
+        levers["project trainer --precision float32"] = trainer_contestant("--precision float32")[1]
+    levers |= {"lecture per-head modules (fp32)": lecture_contestant(data),
+               "  + fused AdamW": Reference(data, fused_adamw=True).run}
+    if bf16:
+        levers["  + bf16 autocast"] = Reference(data, bf16=True).run
+    levers |= {"  + no .item() per step": Reference(data, item=False).run,
+               "  with 1 thread": Reference(data, threads=1).run}
+    if not args.quick:  # longer than the --quick budget
+        common.progress("torch.compile: compiling the reference's forward and backward ...")
+    compiled = None if args.quick else Reference(data, compile=True)
     if compiled:
         levers["  + torch.compile"] = compiled.run
+    common.progress("warm-up: 3 steps of each contestant ...")
     for run in [trainer_run, *levers.values()]:
         run(3)  # warm-up: allocator, oneDNN kernels
     # The goal's pair in many short rounds; then every lever against the same reference.
     steps = 5 if args.quick else 10
-    figures, timings = measure(pair, reference, 4 if args.quick else 30, steps, args.settle, flops, peaks["float32"])
+    figures, timings = measure(pair, reference, 4 if args.quick else 30, steps, args.settle, flops, peaks["float32"],
+                               "the goal's pair")
     lever_figures, lever_timings = measure(levers, reference, 2 if args.quick else 8, steps, args.settle, flops,
-                                           peaks["float32"])
+                                           peaks["float32"], "levers")
     g = common.goal(figures[headline]["vs_reference"], TARGET, True, judged=not args.quick)
     batches = batch_cost_us(trainer, data)
 
@@ -134,6 +148,8 @@ def main() -> None:
                 for name, f in figs.items()]
 
     rows = [(f"matmul peak, 2048^2 ({k})", f"{v:.0f}", "GFLOP/s") for k, v in peaks.items()]
+    if not bf16:
+        rows.append(("bfloat16", "skipped", "this CPU has no bfloat16 matmul instructions torch uses: emulated"))
     rows += lines(figures) + [timings.row(), ("levers, one at a time:", "", "")] + lines(lever_figures)
     if compiled:
         rows.append(("torch.compile: compile + first 2 steps", f"{compiled.compile_s:.1f}", "s"))

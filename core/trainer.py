@@ -338,7 +338,7 @@ class Trainer:
     def bf16(self) -> bool:
         """Whether training runs its matmuls in bfloat16 (see TrainConfig.precision)."""
         precision = self.train_config.precision
-        return precision == "bfloat16" or (precision == "auto" and _fast_bf16(self.device))
+        return precision == "bfloat16" or (precision == "auto" and fast_bf16(self.device))
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -425,7 +425,7 @@ def _step_seed(seed: int, it: int) -> int:
     return (seed * 1_000_003 + it) % 2**63
 
 
-def _fast_bf16(device: torch.device) -> bool:
+def fast_bf16(device: torch.device) -> bool:
     """A GPU, or a CPU with bfloat16 matmul instructions (AVX-512 BF16 or AMX) that torch may use:
     ATEN_CPU_CAPABILITY=avx2 (with oneDNN held to AVX2, how an AVX2 machine is emulated) leaves
     the instructions there but unused. Elsewhere a CPU emulates bfloat16, slower than float32."""

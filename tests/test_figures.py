@@ -178,8 +178,10 @@ def test_the_clickable_text_lays_out_every_character_and_marks_the_chosen_one():
     trace = fig.data[0]
     assert list(trace.x[:6]) == [0, 1, 2, 3, 4, 0] and list(trace.y[:6]) == [0, 0, 0, 0, 0, 1]
     assert list(trace.customdata) == list(range(len(chars)))  # a click's point index is the character's
-    assert [c != "rgba(0,0,0,0)" for c in trace.marker.color].index(True) == 3
-    assert sum(c != "rgba(0,0,0,0)" for c in trace.marker.color) == 1
+    assert list(trace.marker.color) == [int(i == 3) for i in range(len(chars))]  # 1: the chosen one
+    assert trace.marker.colorscale[0][1] == "rgba(0,0,0,0)" and trace.marker.colorscale[-1][1] == figures.CHOSEN
+    assert (trace.marker.cmin, trace.marker.cmax) == (0, 1)  # a 1 is red even when no 0 is left
+    assert list(figures.clickable_text(chars).data[0].marker.color) == [0] * len(chars)  # none chosen: none red
     assert "<b>" not in "".join(trace.text)  # Plotly renders tags in text: escaped
 
 

@@ -20,6 +20,7 @@ SIGNED = "RdBu_r"  # scores and activations, blue below 0 and red above
 MAX_TICKS = 64  # with more characters than this on an axis, label every k-th
 GRID_TILE = 128  # the largest side of one head in the all-heads grid (figure size: benchmarks/README.md)
 GAP = "#d9d9d9"  # the grey between the tiles of the grid
+CHOSEN = "#d62728"  # the chosen bar or character
 # A title line at most this long fits beside the toolbar on a phone (358 px) and in half a laptop's page.
 TITLE_CHARS = 42
 TITLE_LINE_PX = 26  # each further line of a title widens the top margin by this
@@ -153,7 +154,7 @@ def head_grid(patterns: np.ndarray) -> go.Figure:
 def bar_chart(values: np.ndarray, labels: list[str], title: str = "", *, x_title: str = "",
               y_title: str = "", highlight: int | None = None, height: int = 320) -> go.Figure:
     """Bars in the given order; the bar at index highlight is drawn in another colour."""
-    colors = ["#d62728" if i == highlight else "#1f77b4" for i in range(len(labels))]
+    colors = [CHOSEN if i == highlight else "#1f77b4" for i in range(len(labels))]
     fig = go.Figure(go.Bar(x=labels, y=np.asarray(values, dtype=np.float32), marker_color=colors,
                            hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
     fig.update_xaxes(type="category", title=x_title)
@@ -350,11 +351,13 @@ def clickable_text(chars: list[str], chosen: int | None = None, per_line: int = 
     n = len(chars)
     x = np.arange(n) % per_line
     y = np.arange(n) // per_line
-    colours = np.where(np.arange(n) == (chosen if chosen is not None else -1), "#d62728", "rgba(0,0,0,0)")
+    # The highlight as 0/1 on a two-colour scale: a list of colour names is validated one by one.
+    marked = (np.arange(n) == (chosen if chosen is not None else -1)).astype(np.int8)
     fig = go.Figure(go.Scatter(
         x=x, y=y, mode="markers+text", text=[html.escape(c) for c in chars], textfont=dict(family="monospace", size=15),
-        marker=dict(symbol="square", size=18, color=list(colours)), customdata=np.arange(n),
-        hovertemplate="character %{customdata}: %{text}<extra></extra>"))
+        marker=dict(symbol="square", size=18, color=marked, colorscale=[[0, "rgba(0,0,0,0)"], [1, CHOSEN]],
+                    cmin=0, cmax=1),
+        customdata=np.arange(n), hovertemplate="character %{customdata}: %{text}<extra></extra>"))
     lines = int(y.max()) + 1 if n else 1
     fig.update_xaxes(visible=False, range=[-1, per_line])
     fig.update_yaxes(visible=False, autorange="reversed", range=[lines, -1])
