@@ -109,8 +109,8 @@ def room(rounds: int, settle: float) -> dict:
         p95.append(waits[min(len(waits) - 1, round(0.95 * (len(waits) - 1)))])
         others.append(busy.others)
         common.progress(f"room round {i + 1}/{rounds}: one stream {one[-1]:.0f} characters/s; {ROOM} at once "
-                 f"{many[-1]:.0f} characters/s ({many[-1] / one[-1]:.1f}x), whole text p50 {p50[-1]:.2f} s, "
-                 f"p95 {p95[-1]:.2f} s; others {100 * busy.others:.0f}% of the CPU")
+                        f"{many[-1]:.0f} characters/s ({many[-1] / one[-1]:.1f}x), whole text p50 {p50[-1]:.2f} s, "
+                        f"p95 {p95[-1]:.2f} s; others {100 * busy.others:.0f}% of the CPU")
     while engine.running:  # its thread ends on its own: let it, before the interpreter exits
         time.sleep(0.01)
     speedups = [m / o for m, o in zip(many, one)]
