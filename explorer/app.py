@@ -61,7 +61,7 @@ def main() -> None:
     train_setup.prepare_workers()
     room_glue.keep_seat()
     room_glue.banner()
-    sidebar.model_sidebar(select_new=page.title == "Train")
+    sidebar.model_sidebar(train_view=page.title == "Train")
     page.run()
 
 

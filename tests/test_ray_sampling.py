@@ -95,6 +95,12 @@ def test_trainings_yield_the_cpu_to_sampling(local_ray):
     assert os.getpriority(os.PRIO_PROCESS, 0) < nice["sampling"] < nice["training"]
 
 
+def test_the_sampling_worker_keeps_to_the_first_core(local_ray):
+    """Beside the server, where the first training host is: the others train undisturbed."""
+    pid = ray.get(ray_sampling.host().pid.remote())
+    assert os.sched_getaffinity(pid) == {min(os.sched_getaffinity(0))}
+
+
 def test_a_room_generating_on_a_new_model_sends_it_once(local_ray, ckpt):
     remote = ray_sampling.RemoteEngine(ckpt, "room")
     requests = []

@@ -6,6 +6,7 @@ One local Ray instance with 2 CPUs serves the module; every wait is bounded.
 
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -160,15 +161,30 @@ def test_a_ray_server_warms_its_workers_before_anyone_trains(local_ray, monkeypa
     from explorer.glue import train_setup
     from explorer.offpage import ray_sampling
 
-    asked, sampling = [], []
-    monkeypatch.setattr(ray_training, "prepare", lambda hosts=None: asked.append(hosts))
+    asked, sampling, up = [], [], threading.Event()
+
+    def prepare(hosts=None):
+        asked.append(hosts)
+        return up
+
+    monkeypatch.setattr(ray_training, "prepare", prepare)
     monkeypatch.setattr(ray_sampling, "warm", lambda: sampling.append("warm"))
     monkeypatch.setenv("GPT_EXPLORER_MAX_TRAININGS", "3")
+    cores = os.sched_getaffinity(0)
     train_setup.prepare_workers()
     assert asked == [] and sampling == []  # threads: nothing to start
     monkeypatch.setenv("GPT_EXPLORER_WORKERS", "ray")
     train_setup.prepare_workers()
     assert asked == [3] and sampling == ["warm"]  # the trainings' hosts and the sampling worker
+    assert os.sched_getaffinity(0) == cores  # Ray still starting: its daemons must inherit every core
+    up.set()
+    try:
+        train_setup.prepare_workers()
+        assert os.sched_getaffinity(0) == {min(cores)}  # up: the server keeps to the first core
+        ray_training.keep_to_the_first_core()  # every page view asks: once is enough
+    finally:
+        ray_training._release_the_first_core()  # as when Ray shuts down
+    assert os.sched_getaffinity(0) == cores
 
 
 def test_the_train_view_trains_on_a_worker(ray_app):

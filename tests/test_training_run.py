@@ -1,6 +1,7 @@
 """The live-training runner: progress, stop and resume, the queue, failures, no leftover threads."""
 
 import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -181,6 +182,7 @@ def test_a_room_polls_more_seldom_as_it_grows():
     assert slots.poll_seconds(queued=True, polls_per_s=10) == QUEUED_POLL_S  # 30 waiting: 6 polls a second
     assert slots.poll_seconds(queued=True, polls_per_s=4) == 7.5  # 30 waiting, 4 polls a second together
     leave.set()
+    slots.wake()  # the waiting sleep until something changes: whoever cancels says so
     for thread in waiting:
         thread.join(10)
     assert slots.waiting == 0
@@ -202,6 +204,23 @@ def test_a_free_slot_is_taken_at_start_and_a_full_one_queues():
         runner.stop()
         runner.join(10)
     assert slots.running == 0 and slots.waiting == 0
+
+
+def test_a_queued_run_stopped_leaves_the_queue_at_once():
+    slots = TrainingSlots(capacity=1)
+    first, second = make_runner(slots, max_iters=100_000), make_runner(slots, max_iters=400)
+    first.start()
+    second.start()
+    assert wait_for(lambda: slots.waiting == 1)
+    began = time.monotonic()
+    second.stop()
+    second.join(5)  # its thread sleeps until woken: a stop that did not wake it would hang here
+    assert not second.alive and time.monotonic() - began < 1.0
+    assert second.snapshot().status == "stopped" and second.snapshot().message == "left the queue"
+    assert slots.waiting == 0 and first.alive
+    first.stop()
+    first.join(10)
+    assert slots.running == 0
 
 
 def test_a_book_sends_only_what_is_new():

@@ -38,6 +38,7 @@ UPLOADED = "uploaded_models"  # name -> Checkpoint, from this session's uploads
 LAST_UPLOAD = "last_upload"  # file ids of the pair already loaded, so a rerun does not reload it
 REFUSED = "refused_uploads"  # file ids -> why they were refused, so a rerun does not parse them again
 TRAINED = "trained_models"  # name -> Checkpoint, trained in this browser session
+WATCH_S = 2.0  # how often another view looks whether this session's running training has ended
 UPLOADS_ENV = "GPT_EXPLORER_MAX_UPLOADS_MB"  # the weights one session's uploads may hold in the server's memory
 UPLOADS_MB = 200
 
@@ -146,11 +147,11 @@ def model_choices() -> dict[str, Callable[[], Checkpoint]]:
     return choices
 
 
-def model_sidebar(select_new: bool = False) -> None:
+def model_sidebar(train_view: bool = False) -> None:
     """The sidebar every view shares: pick a model, upload one, read its card. Stores the
-    chosen Checkpoint (or None) under CHECKPOINT for the view to read. select_new: a training
-    that just ended becomes the chosen model (on the Train view, where its owner watches it)."""
-    publish_training(select_new)
+    chosen Checkpoint (or None) under CHECKPOINT for the view to read. train_view: a training
+    that just ended becomes the chosen model there, where its owner watches it."""
+    publish_training(train_view)
     picker = st.sidebar.container()  # filled last, so a fresh upload is already in the list
     with st.sidebar.expander("Upload a checkpoint"):
         _upload_box()
@@ -235,16 +236,19 @@ def require_checkpoint() -> Checkpoint:
     return ckpt
 
 
-def publish_training(select: bool) -> None:
+def publish_training(train_view: bool) -> None:
     """This session's training joins the picker once it has stopped or finished (a diverged one,
     or one whose worker died, does not), under its run's name: a Resume and a second Stop
-    update the same entry. While it runs, a small poll notices the end wherever the user is."""
+    update the same entry. While it runs, a small poll notices the end on the other views (the
+    Train view's own polls do there; in a room two polls a page were most of the server's script
+    runs), and the chosen model becomes it on the Train view."""
     threads = session_threads()
     runner = threads.runner
     if runner is None:
         return
     if runner.alive:
-        _watch_training(runner)
+        if not train_view:
+            _watch_training(runner)
         return
     p = runner.snapshot()
     if p.iters == 0 or runner.weights_lost or threads.published == p.iters:
@@ -252,13 +256,16 @@ def publish_training(select: bool) -> None:
     name = runner.name
     add_trained_model(name, runner.checkpoint())
     threads.published = p.iters
-    if select:
+    if train_view:
         st.session_state[MODEL] = f"{name} (trained here)"
     st.toast(f"{escape_markdown(name)} ({p.iters:,} steps) is in the model list.")
 
 
 def _watch_training(runner) -> None:
-    @st.fragment(run_every=2.0)
+    """A queued training's end is far off: its poll is as seldom as the Train view's queue's."""
+    queued = runner.snapshot().status == "queued"
+
+    @st.fragment(run_every=runner.slots.poll_seconds(queued=True) if queued else WATCH_S)
     def watch() -> None:
         if not runner.alive:
             st.rerun(scope="app")  # it ended: publish it in a full run, which also ends this poll

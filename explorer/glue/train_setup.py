@@ -41,7 +41,8 @@ def prepare_workers() -> None:
     if limits.workers == "ray":
         from explorer.offpage import ray_sampling, ray_training
 
-        ray_training.prepare(hosts=limits.max_trainings)
+        if ray_training.prepare(hosts=limits.max_trainings).is_set():
+            ray_training.keep_to_the_first_core()  # once up: its daemons and workers keep every core
         ray_sampling.warm()
 
 

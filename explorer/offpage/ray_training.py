@@ -81,6 +81,7 @@ def start_ray(num_cpus: int | None = None) -> None:
 
 
 def _keep_ray(num_cpus: int | None, hosts: int | None, started: threading.Event, failure: list) -> None:
+    _release_the_first_core()  # an instance shut down a moment ago: its daemons must not inherit one core
     try:
         job = ray.job_config.JobConfig(code_search_path=[str(ROOT)])
         address = os.environ.get(ADDRESS_ENV)
@@ -98,6 +99,7 @@ def _keep_ray(num_cpus: int | None, hosts: int | None, started: threading.Event,
     HOSTS.warm(min(hosts or cluster_cpus(), cluster_cpus()))
     while ray.is_initialized():
         time.sleep(1.0)
+    _release_the_first_core()
 
 
 def cluster_cpus() -> int:
@@ -189,10 +191,41 @@ def take_a_core() -> None:
             if len(cores) == 1:
                 taken |= cores
         free = sorted(os.sched_getaffinity(0) - taken)
-        if not free:
-            return
-        for thread in os.listdir("/proc/self/task"):  # every thread, Ray's too; threads started later inherit it
-            os.sched_setaffinity(int(thread), {free[0]})
+        if free:
+            _pin({free[0]})
+
+
+_unpinned: set[int] | None = None  # the server's cores before it kept to the first one
+
+
+def keep_to_the_first_core() -> None:
+    """The app's server keeps to the first core while Ray runs (Linux), and so does the sampling
+    worker: the first training host shares that core with them, every other host has one nobody
+    else wakes on (each wake-up leaves a training cold caches: benchmarks/README.md, the room).
+    The pages lose nothing: the server is one interpreter, its torch on one thread. Called once
+    Ray is up (its daemons, started from this process, keep every core for the workers they
+    start); undone when Ray shuts down."""
+    global _unpinned
+    if _unpinned is not None or not hasattr(os, "sched_setaffinity") or not ray.is_initialized():
+        return
+    _unpinned = os.sched_getaffinity(0)
+    _pin({min(_unpinned)})
+
+
+def _release_the_first_core() -> None:
+    global _unpinned
+    if _unpinned is not None:
+        _pin(_unpinned)
+        _unpinned = None
+
+
+def _pin(cores: set[int]) -> None:
+    """Every thread of this process, Ray's too; threads started later inherit it from theirs."""
+    for thread in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(thread), cores)
+        except OSError:  # ended meanwhile
+            pass
 
 
 def _other_hosts() -> list[int]:

@@ -65,7 +65,8 @@ class TrainingSlots:
             return True
 
     def acquire(self, ticket, cancelled: threading.Event) -> bool:
-        """Wait for a slot; False if cancelled while waiting."""
+        """Wait for a slot; False if cancelled while waiting (whoever sets `cancelled` calls
+        `wake`: a room's queue is dozens of threads, which wake only when something changed)."""
         with self._cond:
             self._waiting.append(ticket)
             while not (len(self._running) < self.capacity and self._waiting[0] is ticket):
@@ -73,7 +74,7 @@ class TrainingSlots:
                     self._waiting.remove(ticket)
                     self._cond.notify_all()
                     return False
-                self._cond.wait(timeout=0.1)
+                self._cond.wait()
             self._waiting.pop(0)
             self._running.append(ticket)
             self._cond.notify_all()
@@ -83,6 +84,11 @@ class TrainingSlots:
         with self._cond:
             if ticket in self._running:
                 self._running.remove(ticket)
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """The waiting look again whether they were cancelled."""
+        with self._cond:
             self._cond.notify_all()
 
     @property
@@ -311,6 +317,7 @@ class Runner:
     def stop(self) -> None:
         """Ask the training to stop between steps. Cheap and non-blocking: safe from any thread."""
         self._stop.set()
+        self.slots.wake()
         self._request_stop()
 
     def join(self, timeout: float | None = None) -> None:
