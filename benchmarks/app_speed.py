@@ -9,13 +9,8 @@
     python -m benchmarks.app_speed [--quick] [--profile]
 """
 
-import cProfile
-import io
 import os
-import pstats
-import sys
 import tempfile
-import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -60,34 +55,13 @@ def attention_view(text: str, reruns: int, profile: bool, settle: float) -> dict
             at.text_area(key="prompt").set_value(text[start:start + 256]).run()
 
         timings = common.interleave({"run": at.run, "new_prompt": new_prompt}, reruns, settle)
-        hot_spots = _profile_one_run(at) if profile else None
+        hot_spots = common.profile_script_run(at) if profile else None
         specs = [chart.proto.spec for chart in at.get("plotly_chart")]
     torch.set_num_threads(threads)
     sizes = [len(spec.encode()) / 1e6 for spec in specs]
     grid = next(size for spec, size in zip(specs, sizes) if GRID_TITLE in spec)
     return dict(prompt_chars=256, run_s=timings.median("run"), new_prompt_s=timings.median("new_prompt"), grid_mb=grid,
                 largest_mb=max(sizes), figures_mb=sum(sizes), n_figures=len(sizes), hot_spots=hot_spots, timings=timings)
-
-
-def _profile_one_run(at) -> str:
-    """cProfile of one script run: AppTest runs the script on its own thread, so the profiler is
-    switched on from that thread's first traced call."""
-    profiler = cProfile.Profile()
-
-    def start(*_):
-        threading.setprofile(None)
-        sys.setprofile(None)
-        profiler.enable()
-
-    threading.setprofile(start)
-    try:
-        at.run()
-    finally:
-        threading.setprofile(None)
-        profiler.disable()
-    out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
-    return out.getvalue()
 
 
 def runner_vs_trainer(text: str, steps: int, rounds: int, settle: float) -> dict:

@@ -1,12 +1,17 @@
 """What every benchmark shares: the machine's description, a matmul ceiling, interleaved timing,
-a meter of how busy the rest of the machine was, and the table + JSON output."""
+a meter of how busy the rest of the machine was, the table + JSON output, and a profile of one
+AppTest script run."""
 
 import argparse
+import cProfile
+import io
 import json
 import os
 import platform
+import pstats
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -199,3 +204,24 @@ def _rounded(x):
 def shakespeare() -> str:
     """Tiny Shakespeare as the project finds it ($GPT_EXPLORER_DATA, data/, else a download)."""
     return load_shakespeare()
+
+
+def profile_script_run(at) -> str:
+    """cProfile of one script run: AppTest runs the script on its own thread, so the profiler is
+    switched on from that thread's first traced call."""
+    profiler = cProfile.Profile()
+
+    def start(*_):
+        threading.setprofile(None)
+        sys.setprofile(None)
+        profiler.enable()
+
+    threading.setprofile(start)
+    try:
+        at.run()
+    finally:
+        threading.setprofile(None)
+        profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
+    return out.getvalue()

@@ -4,8 +4,12 @@ No Streamlit and no model in here, so every figure can be built and checked in a
 Matrices go in as numpy float32 (Plotly then sends them base64-encoded; Python lists made a
 256-character grid take 2.5 s to build) and characters as core.tokenizer.visible labels.
 Rows run top to bottom, as in a printed matrix: row i of an attention matrix is query i.
+Each figure is built in one go: its traces as plain dicts and its whole layout handed to one
+go.Figure, which validates them once (every update_* call validated the figure again: figures
+took 2-7x as long: benchmarks/README.md, the server's script runs).
 """
 
+import functools
 import html
 import math
 import textwrap
@@ -38,14 +42,21 @@ def _char_ticks(chars: list[str]) -> dict:
     return dict(tickmode="array", tickvals=position_labels(chars)[::step], ticktext=chars[::step], tickangle=0)
 
 
-def _finish(fig: go.Figure, title: str, height: int | None = None) -> go.Figure:
-    # A vertical toolbar at the right edge keeps Plotly's buttons off the title. Plotly never wraps a
-    # title, so a long one is broken into lines here; Plotly centres them in the top margin, which
-    # each line widens.
+def _frame(title: str, height: int | None, top_axis: bool = False) -> dict:
+    """What every figure's layout shares. A vertical toolbar at the right edge keeps Plotly's buttons
+    off the title. Plotly never wraps a title, so a long one is broken into lines here; Plotly
+    centres them in the top margin, which each line widens, as does an x axis drawn above the plot
+    (a printed matrix's column headings, its labels under the title)."""
     lines = _title_lines(title)
-    fig.update_layout(title="<br>".join(lines), height=height, modebar=dict(orientation="v"),
-                      margin=dict(l=10, r=40, t=60 + TITLE_LINE_PX * (len(lines) - 1), b=10))
-    return fig
+    top = 60 + TITLE_LINE_PX * (len(lines) - 1) + (TOP_AXIS_PX if top_axis else 0)
+    return dict(title="<br>".join(lines), height=height, modebar=dict(orientation="v"), margin=dict(l=10, r=40, t=top, b=10))
+
+
+def _figure(data: list, title: str = "", height: int | None = None, *, top_axis: bool = False, **layout) -> go.Figure:
+    """A figure from its traces (dicts with their type) and its layout, in one constructor call."""
+    if top_axis:
+        layout["xaxis"] = dict(layout.get("xaxis", {}), side="top")
+    return go.Figure(data, dict(layout, **_frame(title, height, top_axis)))
 
 
 def _title_lines(title: str) -> list[str]:
@@ -59,13 +70,6 @@ def _title_lines(title: str) -> list[str]:
     return wrapped
 
 
-def _x_axis_on_top(fig: go.Figure, **axis) -> None:
-    """The x axis above the plot, as a printed matrix's column headings, its labels under the figure's
-    title (which Plotly centres in the top margin that _finish, called before, has set)."""
-    fig.update_xaxes(side="top", **axis)
-    fig.layout.margin.t += TOP_AXIS_PX
-
-
 def plot_aspect(fig: go.Figure) -> float | None:
     """Width over height of a figure's plot when its cells are square (the y axis anchored to x):
     its first trace's columns over its rows. None when the plot may take any shape."""
@@ -77,30 +81,32 @@ def plot_aspect(fig: go.Figure) -> float | None:
 
 def heatmap(z: np.ndarray, x: list[str], y: list[str], title: str = "", *, x_title: str = "",
             y_title: str = "", value: str = "value", colorscale=SIGNED, zmin=None, zmax=None, zmid=None,
-            text: np.ndarray | None = None, cell_format: str | None = None, height: int | None = None) -> go.Figure:
+            text: np.ndarray | None = None, cell_format: str | None = None, height: int | None = None,
+            xaxis: dict | None = None, yaxis: dict | None = None, more: tuple = (), **layout) -> go.Figure:
     """A matrix on categorical axes. text writes a string in every cell (hover shows it too);
-    cell_format (a d3 format such as ".2f") writes the values instead."""
+    cell_format (a d3 format such as ".2f") writes the values instead. xaxis and yaxis change the
+    axes' settings; more traces go over the matrix; layout as go.Layout's."""
     hover = f"{y_title} %{{y}}<br>{x_title} %{{x}}<br>{value} %{{z:.3f}}"
-    trace = go.Heatmap(z=np.asarray(z, dtype=np.float32), x=x, y=y, colorscale=colorscale, zmin=zmin,
-                       zmax=zmax, zmid=zmid, hoverongaps=False, colorbar=dict(thickness=12))
+    cells = {}
     if text is not None:
-        trace.update(text=text, texttemplate="%{text}")
+        cells = dict(text=text, texttemplate="%{text}")
         hover += "<br>%{text}"
     elif cell_format:
-        trace.update(texttemplate=f"%{{z:{cell_format}}}")
-    trace.update(hovertemplate=hover + "<extra></extra>")
-    fig = go.Figure(trace)
-    fig.update_xaxes(type="category", title=x_title, showgrid=False)
-    fig.update_yaxes(type="category", title=y_title, autorange="reversed", showgrid=False)
-    return _finish(fig, title, height)
+        cells = dict(texttemplate=f"%{{z:{cell_format}}}")
+    trace = dict(type="heatmap", z=np.asarray(z, dtype=np.float32), x=x, y=y, colorscale=colorscale, zmin=zmin, zmax=zmax,
+                 zmid=zmid, hoverongaps=False, colorbar=dict(thickness=12), hovertemplate=hover + "<extra></extra>",
+                 **cells)
+    return _figure([trace, *more], title, height,
+                   xaxis={"type": "category", "title": x_title, "showgrid": False, **(xaxis or {})},
+                   yaxis={"type": "category", "title": y_title, "autorange": "reversed", "showgrid": False, **(yaxis or {})},
+                   **layout)
 
 
 def by_position(z: np.ndarray, rows: list[str], chars: list[str], title: str = "", *, row_title: str = "",
                 **style) -> go.Figure:
     """A (rows, T) matrix with one column per prompt position, labelled by its character."""
-    fig = heatmap(z, position_labels(chars), rows, title, x_title="position", y_title=row_title, **style)
-    fig.update_xaxes(**_char_ticks(chars))
-    return fig
+    return heatmap(z, position_labels(chars), rows, title, x_title="position", y_title=row_title,
+                   xaxis=_char_ticks(chars), **style)
 
 
 def attention_heatmap(scores: np.ndarray, chars: list[str], step: str, title: str = "") -> go.Figure:
@@ -109,17 +115,14 @@ def attention_heatmap(scores: np.ndarray, chars: list[str], step: str, title: st
     masked = np.isneginf(scores)
     style = dict(colorscale=WEIGHTS, zmin=0, zmax=1) if step == "softmax" else dict(colorscale=SIGNED, zmid=0)
     labels = position_labels(chars)
+    # The masked cells fill the upper right triangle, so the note sits there.
+    note = [dict(text="empty cells: −inf (masked)<br>a character may not look ahead", xref="paper", yref="paper",
+                 x=0.98, y=0.98, xanchor="right", yanchor="top", showarrow=False, align="right")] if masked.any() else []
     # The axes are named in the title (and in the hover): "key" above the top axis ran into the title on a phone.
-    fig = heatmap(np.where(masked, np.nan, scores), labels, labels, f"{title} (rows: queries, columns: keys)".strip(),
-                  x_title="key", y_title="query", value="weight" if step == "softmax" else "score", height=620, **style)
-    _x_axis_on_top(fig, **_char_ticks(chars), title_text="")
-    fig.update_yaxes(**_char_ticks(chars), title_text="", scaleanchor="x")
-    if masked.any():
-        # The masked cells fill the upper right triangle, so the note sits there.
-        fig.add_annotation(text="empty cells: −inf (masked)<br>a character may not look ahead",
-                           xref="paper", yref="paper", x=0.98, y=0.98, xanchor="right", yanchor="top",
-                           showarrow=False, align="right")
-    return fig
+    return heatmap(np.where(masked, np.nan, scores), labels, labels, f"{title} (rows: queries, columns: keys)".strip(),
+                   x_title="key", y_title="query", value="weight" if step == "softmax" else "score", height=620,
+                   xaxis=dict(_char_ticks(chars), title=""), yaxis=dict(_char_ticks(chars), title="", scaleanchor="x"),
+                   top_axis=True, annotations=note, **style)
 
 
 def head_grid(patterns: np.ndarray) -> go.Figure:
@@ -141,49 +144,61 @@ def head_grid(patterns: np.ndarray) -> go.Figure:
     canvas = tiles.transpose(0, 2, 1, 3).reshape(L * (t + gap), H * (t + gap))[:-gap, :-gap]
     blues = sequential.Blues
     colorscale = [[0, GAP]] + [[1 / 255 + i / (len(blues) - 1) * 254 / 255, c] for i, c in enumerate(blues)]
-    fig = go.Figure(go.Heatmap(z=canvas, colorscale=colorscale, zmin=0, zmax=255, hoverinfo="skip",
-                               colorbar=dict(thickness=12, tickvals=[1, 128, 255], ticktext=["0", "0.5", "1"])))
-    fig.update_yaxes(tickvals=np.arange(L) * (t + gap) + (t - 1) / 2, ticktext=[f"layer {i}" for i in range(L)], autorange="reversed",
-                     showgrid=False, zeroline=False, scaleanchor="x")
-    _finish(fig, "Attention weights of every head (rows: queries, columns: keys)", 120 + 110 * L)
-    _x_axis_on_top(fig, tickvals=np.arange(H) * (t + gap) + (t - 1) / 2, ticktext=[f"head {h}" for h in range(H)],
-                   showgrid=False, zeroline=False)
-    return fig
+    trace = dict(type="heatmap", z=canvas, colorscale=colorscale, zmin=0, zmax=255, hoverinfo="skip",
+                 colorbar=dict(thickness=12, tickvals=[1, 128, 255], ticktext=["0", "0.5", "1"]))
+    return _figure([trace], "Attention weights of every head (rows: queries, columns: keys)", 120 + 110 * L,
+                   top_axis=True,
+                   xaxis=dict(tickvals=np.arange(H) * (t + gap) + (t - 1) / 2, ticktext=[f"head {h}" for h in range(H)],
+                              showgrid=False, zeroline=False),
+                   yaxis=dict(tickvals=np.arange(L) * (t + gap) + (t - 1) / 2, ticktext=[f"layer {i}" for i in range(L)],
+                              autorange="reversed", showgrid=False, zeroline=False, scaleanchor="x"))
 
 
 def bar_chart(values: np.ndarray, labels: list[str], title: str = "", *, x_title: str = "",
               y_title: str = "", highlight: int | None = None, height: int = 320) -> go.Figure:
     """Bars in the given order; the bar at index highlight is drawn in another colour."""
     colors = [CHOSEN if i == highlight else "#1f77b4" for i in range(len(labels))]
-    fig = go.Figure(go.Bar(x=labels, y=np.asarray(values, dtype=np.float32), marker_color=colors,
-                           hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
-    fig.update_xaxes(type="category", title=x_title)
-    fig.update_yaxes(title=y_title)
-    return _finish(fig, title, height)
+    trace = dict(type="bar", x=labels, y=np.asarray(values, dtype=np.float32), marker_color=colors,
+                 hovertemplate="%{x}: %{y:.3f}<extra></extra>")
+    return _figure([trace], title, height, xaxis=dict(type="category", title=x_title), yaxis=dict(title=y_title))
+
+
+@functools.cache
+def _weighted_sum_panels() -> dict:
+    """weighted_sum's axes (each one's domain and anchor) and its panels' titles, laid out once:
+    make_subplots took most of the figure's time. Shared: copy before changing."""
+    layout = make_subplots(rows=2, cols=3, column_widths=[0.12, 0.44, 0.44], row_heights=[0.85, 0.15],
+                           specs=[[{}, {}, {}], [None, None, {}]], horizontal_spacing=0.05, vertical_spacing=0.08,
+                           subplot_titles=["w (attention)", "v (hook_v)", "w · v", "z = Σ w · v (hook_z)"]).layout
+    return {name: value for name, value in layout.to_plotly_json().items() if name != "template"}
 
 
 def weighted_sum(weights: np.ndarray, values: np.ndarray, z: np.ndarray, chars: list[str]) -> go.Figure:
     """The lecture's weighted aggregation for one query: weights w (n,) times values v (n, hs),
-    row by row, summed down the columns, give the head's output z (hs,)."""
+    row by row, summed down the columns, give the head's output z (hs,). Panels w, v and w · v
+    side by side (axes x, x2, x3), z under the last (x4)."""
     contributions = weights[:, None] * values
     rows, dims = position_labels(chars), [str(d) for d in range(values.shape[1])]
-    fig = make_subplots(rows=2, cols=3, column_widths=[0.12, 0.44, 0.44], row_heights=[0.85, 0.15],
-                        specs=[[{}, {}, {}], [None, None, {}]], horizontal_spacing=0.05, vertical_spacing=0.08,
-                        subplot_titles=["w (attention)", "v (hook_v)", "w · v", "z = Σ w · v (hook_z)"])
     cell = "%{y}, dim %{x}: %{z:.3f}<extra></extra>"
-    fig.add_trace(go.Heatmap(z=weights[:, None].astype(np.float32), x=["w"], y=rows, colorscale=WEIGHTS,
-                             zmin=0, zmax=1, showscale=False, hovertemplate="%{y}: w = %{z:.3f}<extra></extra>"), 1, 1)
-    for col, matrix in ((2, values), (3, contributions)):
-        fig.add_trace(go.Heatmap(z=matrix.astype(np.float32), x=dims, y=rows, coloraxis="coloraxis",
-                                 hovertemplate=cell), 1, col)
-    fig.add_trace(go.Heatmap(z=z[None, :].astype(np.float32), x=dims, y=["z"], coloraxis="coloraxis",
-                             hovertemplate="z, dim %{x}: %{z:.3f}<extra></extra>"), 2, 3)
-    fig.update_xaxes(type="category", showgrid=False)
-    fig.update_yaxes(type="category", autorange="reversed", showgrid=False)
-    fig.update_yaxes(**_char_ticks(chars), row=1)
-    fig.update_xaxes(showticklabels=False, row=1, col=3)  # z below names the same dimensions, under its title
-    fig.update_layout(coloraxis=dict(colorscale=SIGNED, cmid=0, colorbar=dict(thickness=12)))
-    return _finish(fig, "", 240 + 16 * len(chars))
+    traces = [dict(type="heatmap", z=weights[:, None].astype(np.float32), x=["w"], y=rows, colorscale=WEIGHTS, zmin=0,
+                   zmax=1, showscale=False, hovertemplate="%{y}: w = %{z:.3f}<extra></extra>", xaxis="x", yaxis="y"),
+              dict(type="heatmap", z=values.astype(np.float32), x=dims, y=rows, coloraxis="coloraxis", hovertemplate=cell,
+                   xaxis="x2", yaxis="y2"),
+              dict(type="heatmap", z=contributions.astype(np.float32), x=dims, y=rows, coloraxis="coloraxis",
+                   hovertemplate=cell, xaxis="x3", yaxis="y3"),
+              dict(type="heatmap", z=z[None, :].astype(np.float32), x=dims, y=["z"], coloraxis="coloraxis",
+                   hovertemplate="z, dim %{x}: %{z:.3f}<extra></extra>", xaxis="x4", yaxis="y4")]
+    layout = dict(_weighted_sum_panels())
+    for name, axis in layout.items():
+        if name.startswith("xaxis"):
+            layout[name] = dict(axis, type="category", showgrid=False)
+        elif name.startswith("yaxis"):
+            layout[name] = dict(axis, type="category", autorange="reversed", showgrid=False)
+    layout["xaxis3"]["showticklabels"] = False  # z below names the same dimensions, under its title
+    for name in ("yaxis", "yaxis2", "yaxis3"):  # the first row's panels: a row a character
+        layout[name].update(_char_ticks(chars))
+    return _figure(traces, "", 240 + 16 * len(chars), coloraxis=dict(colorscale=SIGNED, cmid=0, colorbar=dict(thickness=12)),
+                   **layout)
 
 
 def bipartite(weights: np.ndarray, chars: list[str], min_weight: float = 0.02, levels: int = 8) -> go.Figure:
@@ -196,7 +211,7 @@ def bipartite(weights: np.ndarray, chars: list[str], min_weight: float = 0.02, l
     query, key = np.tril_indices(T)
     w = weights[query, key]
     level = np.minimum((w * levels).astype(int), levels - 1)
-    fig = go.Figure()
+    traces = []
     for b in range(levels):
         pick = (level == b) & (w >= min_weight)
         n = int(pick.sum())
@@ -204,81 +219,71 @@ def bipartite(weights: np.ndarray, chars: list[str], min_weight: float = 0.02, l
             continue
         xs = np.tile([0.0, 1.0, np.nan], n)
         ys = np.stack([key[pick], query[pick], np.full(n, np.nan)], axis=1).ravel()
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", opacity=(b + 1) / levels, hoverinfo="skip",
-                                 line=dict(color="#1f4e99", width=2), showlegend=False))
-    for x, side, position in ((0, "keys", "middle left"), (1, "queries", "middle right")):
-        fig.add_trace(go.Scatter(x=[x] * T, y=list(range(T)), mode="markers+text", text=chars,
-                                 textposition=position, marker=dict(size=5, color="#444"), showlegend=False,
-                                 hovertemplate=f"{side[:-1]} %{{y}}: %{{text}}<extra></extra>"))
-        fig.add_annotation(x=x, y=-1.5, text=side, showarrow=False)
-    fig.update_xaxes(visible=False, range=[-0.3, 1.3])
-    fig.update_yaxes(visible=False, autorange="reversed")
-    return _finish(fig, "", 120 + 16 * T)
+        traces.append(dict(type="scatter", x=xs, y=ys, mode="lines", opacity=(b + 1) / levels, hoverinfo="skip",
+                           line=dict(color="#1f4e99", width=2), showlegend=False))
+    sides = ((0, "keys", "middle left"), (1, "queries", "middle right"))
+    traces += [dict(type="scatter", x=[x] * T, y=list(range(T)), mode="markers+text", text=chars, textposition=position,
+                    marker=dict(size=5, color="#444"), showlegend=False,
+                    hovertemplate=f"{side[:-1]} %{{y}}: %{{text}}<extra></extra>") for x, side, position in sides]
+    return _figure(traces, "", 120 + 16 * T, xaxis=dict(visible=False, range=[-0.3, 1.3]),
+                   yaxis=dict(visible=False, autorange="reversed"),
+                   annotations=[dict(x=x, y=-1.5, text=side, showarrow=False) for x, side, _ in sides])
 
 
 def line_chart(series: dict[str, np.ndarray], chars: list[str], title: str = "", *, y_title: str = "",
                dashed: tuple[str, ...] = ()) -> go.Figure:
     """One line per named series over the prompt's positions."""
     x = position_labels(chars)
-    fig = go.Figure([go.Scatter(x=x, y=np.asarray(y, dtype=np.float32), name=name, mode="lines+markers",
-                                line=dict(dash="dash" if name in dashed else "solid"))
-                     for name, y in series.items()])
-    fig.update_xaxes(type="category", title="position", **_char_ticks(chars))
-    fig.update_yaxes(title=y_title)
-    return _finish(fig, title, 360)
+    traces = [dict(type="scatter", x=x, y=np.asarray(y, dtype=np.float32), name=name, mode="lines+markers",
+                   line=dict(dash="dash" if name in dashed else "solid")) for name, y in series.items()]
+    return _figure(traces, title, 360, xaxis=dict(type="category", title="position", **_char_ticks(chars)),
+                   yaxis=dict(title=y_title))
 
 
 def scatter_2d(points: np.ndarray, labels: list[str], title: str = "", *, x_title: str = "",
                y_title: str = "") -> go.Figure:
     """Labelled points, e.g. the token embeddings projected on two directions."""
-    fig = go.Figure(go.Scatter(x=points[:, 0], y=points[:, 1], mode="markers+text", text=labels,
-                               textposition="top center", marker=dict(size=6),
-                               hovertemplate="%{text}: (%{x:.2f}, %{y:.2f})<extra></extra>"))
-    fig.update_xaxes(title=x_title)
-    fig.update_yaxes(title=y_title)
-    return _finish(fig, title, 520)
+    trace = dict(type="scatter", x=points[:, 0], y=points[:, 1], mode="markers+text", text=labels, textposition="top center",
+                 marker=dict(size=6), hovertemplate="%{text}: (%{x:.2f}, %{y:.2f})<extra></extra>")
+    return _figure([trace], title, 520, xaxis=dict(title=x_title), yaxis=dict(title=y_title))
 
 
 def loss_curve(steps: list[dict], evals: list[dict], marks: dict[str, int] | None = None) -> go.Figure:
     """Per-step training loss (thin) and the periodic train/val estimates (markers); marks
     (label -> step) draws a dashed vertical line at each step, labelled at the top."""
-    fig = go.Figure()
+    traces = []
     if steps:
-        fig.add_trace(go.Scatter(x=np.array([r["iter"] for r in steps]), mode="lines", name="loss (each step)",
-                                 y=np.array([r["loss"] for r in steps], dtype=np.float32),
-                                 line=dict(width=1, color="#9ecae1")))
+        traces.append(dict(type="scatter", x=np.array([r["iter"] for r in steps]), mode="lines", name="loss (each step)",
+                           y=np.array([r["loss"] for r in steps], dtype=np.float32),
+                           line=dict(width=1, color="#9ecae1")))
     for split, color in (("train", "#08519c"), ("val", "#e6550d")):
         if evals:
-            fig.add_trace(go.Scatter(x=np.array([e["iter"] for e in evals]), mode="lines+markers",
-                                     y=np.array([e[f"{split}_loss"] for e in evals], dtype=np.float32),
-                                     name=f"{split} loss (estimate)", line=dict(color=color)))
-    for label, step in (marks or {}).items():
-        fig.add_vline(x=step, line=dict(dash="dash", color="#6a3d9a", width=1.5), annotation_text=label,
-                      annotation_position="top right")
-    fig.update_xaxes(title="step")
-    fig.update_yaxes(title="cross-entropy loss")
-    return _finish(fig, "Loss", 360)
+            traces.append(dict(type="scatter", x=np.array([e["iter"] for e in evals]), mode="lines+markers",
+                               y=np.array([e[f"{split}_loss"] for e in evals], dtype=np.float32),
+                               name=f"{split} loss (estimate)", line=dict(color=color)))
+    marks = (marks or {}).items()  # a dashed line from the bottom of the plot to its top, at x = step
+    return _figure(traces, "Loss", 360, xaxis=dict(title="step"), yaxis=dict(title="cross-entropy loss"),
+                   shapes=[dict(type="line", xref="x", x0=step, x1=step, yref="y domain", y0=0, y1=1,
+                                line=dict(dash="dash", color="#6a3d9a", width=1.5)) for _, step in marks],
+                   annotations=[dict(text=label, showarrow=False, xref="x", x=step, xanchor="left", yref="y domain",
+                                     y=1, yanchor="top") for label, step in marks])
 
 
 def head_lines(iters: np.ndarray, values: np.ndarray, title: str, y_title: str) -> go.Figure:
     """One line per head over training: values is (snapshots, layers, heads)."""
     _, L, H = values.shape
     colours = qualitative.Dark24 if L * H > 10 else qualitative.Plotly  # a colour of its own for up to 24 heads
-    fig = go.Figure([go.Scatter(x=iters, y=values[:, layer, head].astype(np.float32), mode="lines",
-                                name=f"L{layer} H{head}", line=dict(color=colours[(layer * H + head) % len(colours)]))
-                     for layer in range(L) for head in range(H)])
-    fig.update_xaxes(title="step")
-    fig.update_yaxes(title=y_title)
-    return _finish(fig, title, 320)
+    traces = [dict(type="scatter", x=iters, y=values[:, layer, head].astype(np.float32), mode="lines", name=f"L{layer} H{head}",
+                   line=dict(color=colours[(layer * H + head) % len(colours)]))
+              for layer in range(L) for head in range(H)]
+    return _figure(traces, title, 320, xaxis=dict(title="step"), yaxis=dict(title=y_title))
 
 
 def step_line(iters: np.ndarray, values: np.ndarray, title: str, y_title: str, name: str) -> go.Figure:
     """One quantity over training, with a grey line at zero (e.g. the in-context learning gap)."""
-    fig = go.Figure(go.Scatter(x=iters, y=np.asarray(values, dtype=np.float32), mode="lines+markers", name=name))
-    fig.add_hline(y=0, line=dict(color="#bdbdbd", width=1))
-    fig.update_xaxes(title="step")
-    fig.update_yaxes(title=y_title)
-    return _finish(fig, title, 320)
+    trace = dict(type="scatter", x=iters, y=np.asarray(values, dtype=np.float32), mode="lines+markers", name=name)
+    zero = dict(type="line", xref="x domain", x0=0, x1=1, yref="y", y0=0, y1=0, line=dict(color="#bdbdbd", width=1))
+    return _figure([trace], title, 320, xaxis=dict(title="step"), yaxis=dict(title=y_title), shapes=[zero])
 
 
 def board_curves(curves: list[tuple[str, np.ndarray, np.ndarray]], own: set[int] = frozenset(),
@@ -287,24 +292,22 @@ def board_curves(curves: list[tuple[str, np.ndarray, np.ndarray]], own: set[int]
     The first `leaders` and the viewer's own (indices in `own`) are named lines; the rest share
     one grey trace (NaN-separated), which keeps a 200-training room one quick figure. Labels are
     participants' names: HTML-escaped, since Plotly renders tags in legends and hovers."""
-    fig = go.Figure()
-    rest_x, rest_y = [], []
+    traces, rest_x, rest_y = [], [], []
     for i, (label, steps, losses) in enumerate(curves):
         if i < leaders or i in own:
             name = html.escape(label)
-            fig.add_trace(go.Scatter(x=steps, y=np.asarray(losses, dtype=np.float32), mode="lines+markers", name=name,
-                                     line=dict(width=4 if i in own else 2), hovertemplate=f"{name}<br>step %{{x}}<br>"
-                                     "val loss %{y:.3f}<extra></extra>"))
+            traces.append(dict(type="scatter", x=steps, y=np.asarray(losses, dtype=np.float32), mode="lines+markers", name=name,
+                               line=dict(width=4 if i in own else 2), hovertemplate=f"{name}<br>step %{{x}}<br>"
+                               "val loss %{y:.3f}<extra></extra>"))
         else:
             rest_x += [steps, [np.nan]]
             rest_y += [np.asarray(losses, dtype=np.float32), [np.nan]]
     if rest_x:
-        fig.add_trace(go.Scatter(x=np.concatenate(rest_x).astype(np.float64), y=np.concatenate(rest_y).astype(np.float32),
-                                 mode="lines", name=f"the other {len(curves) - leaders - len([i for i in own if i >= leaders])}",
-                                 line=dict(width=1, color="#bdbdbd"), hoverinfo="skip"))
-    fig.update_xaxes(title="step")
-    fig.update_yaxes(title="val loss (the board's windows)")
-    return _finish(fig, "Val loss of every training", 420)
+        traces.append(dict(type="scatter", x=np.concatenate(rest_x).astype(np.float64), y=np.concatenate(rest_y).astype(np.float32),
+                           mode="lines", name=f"the other {len(curves) - leaders - len([i for i in own if i >= leaders])}",
+                           line=dict(width=1, color="#bdbdbd"), hoverinfo="skip"))
+    return _figure(traces, "Val loss of every training", 420, xaxis=dict(title="step"),
+                   yaxis=dict(title="val loss (the board's windows)"))
 
 
 def ablation_grid(heads: np.ndarray, mlps: np.ndarray, title: str = "") -> go.Figure:
@@ -317,14 +320,13 @@ def ablation_grid(heads: np.ndarray, mlps: np.ndarray, title: str = "") -> go.Fi
     z = np.concatenate([heads, np.asarray(mlps, np.float32).reshape(L, -1)], axis=1)
     rows = [f"layer {i}" for i in range(L)]
     bound = float(np.abs(z).max()) or 1.0
-    fig = heatmap(z, columns, rows, title, x_title="knocked out", y_title="layer", value="Δ val loss", zmid=0,
-                  zmin=-bound, zmax=bound, cell_format="+.3f", height=140 + 48 * L)
     layer, head = np.divmod(np.arange(L * H), H)
-    fig.add_trace(go.Scatter(x=[columns[h] for h in head], y=[rows[i] for i in layer], mode="markers",
-                             customdata=np.stack([layer, head], axis=1), marker=dict(symbol="square", size=36, opacity=0),
-                             hoverinfo="skip", showlegend=False))
-    fig.update_layout(clickmode="event+select")
-    return fig
+    clicks = dict(type="scatter", x=[columns[h] for h in head], y=[rows[i] for i in layer], mode="markers",
+                  customdata=np.stack([layer, head], axis=1), marker=dict(symbol="square", size=36, opacity=0),
+                  hoverinfo="skip", showlegend=False)
+    return heatmap(z, columns, rows, title, x_title="knocked out", y_title="layer", value="Δ val loss", zmid=0,
+                   zmin=-bound, zmax=bound, cell_format="+.3f", height=140 + 48 * L, more=(clicks,),
+                   clickmode="event+select")
 
 
 def coloured_text(chars: list[str], values: np.ndarray, tips: list[str], vmax: float, signed: bool = False) -> str:
@@ -353,13 +355,13 @@ def clickable_text(chars: list[str], chosen: int | None = None, per_line: int = 
     y = np.arange(n) // per_line
     # The highlight as 0/1 on a two-colour scale: a list of colour names is validated one by one.
     marked = (np.arange(n) == (chosen if chosen is not None else -1)).astype(np.int8)
-    fig = go.Figure(go.Scatter(
-        x=x, y=y, mode="markers+text", text=[html.escape(c) for c in chars], textfont=dict(family="monospace", size=15),
+    trace = dict(
+        type="scatter", x=x, y=y, mode="markers+text", text=[html.escape(c) for c in chars], textfont=dict(family="monospace", size=15),
         marker=dict(symbol="square", size=18, color=marked, colorscale=[[0, "rgba(0,0,0,0)"], [1, CHOSEN]],
                     cmin=0, cmax=1),
-        customdata=np.arange(n), hovertemplate="character %{customdata}: %{text}<extra></extra>"))
+        customdata=np.arange(n), hovertemplate="character %{customdata}: %{text}<extra></extra>")
     lines = int(y.max()) + 1 if n else 1
-    fig.update_xaxes(visible=False, range=[-1, per_line])
-    fig.update_yaxes(visible=False, autorange="reversed", range=[lines, -1])
-    fig.update_layout(showlegend=False, dragmode=False, clickmode="event+select", plot_bgcolor="white")
-    return _finish(fig, "Click a written character to see how it was chosen", 80 + 26 * lines)
+    return _figure([trace], "Click a written character to see how it was chosen", 80 + 26 * lines,
+                   xaxis=dict(visible=False, range=[-1, per_line]),
+                   yaxis=dict(visible=False, autorange="reversed", range=[lines, -1]),
+                   showlegend=False, dragmode=False, clickmode="event+select", plot_bgcolor="white")
