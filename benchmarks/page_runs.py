@@ -9,8 +9,9 @@ server at one moment, timed in Streamlit's AppTest:
   within seconds, and their pages run this at about one time;
 - the Train page once the "Room (everyone at once)" recipe has trained (the loss curve, the
   heads' snapshots and their lines over training): every participant's page when the room ends.
-Each page is run 9 times (3 with --quick) on new inputs (another seed, another training), after a
-warm-up.
+Each page is run 9 times (3 with --quick) after a warm-up: a sample of another seed each time; a
+new training each time (the recipe's one seed makes them alike, so the figures the sessions share
+are dropped first).
 
     python -m benchmarks.page_runs [--quick] [--profile]
 """
@@ -33,10 +34,10 @@ from explorer.glue.sidebar import PRETRAINED_ENV
 from explorer.offpage import figures
 from explorer.offpage.classroom import ROOM_DIR_ENV
 from explorer.offpage.recipes import ROOM_RECIPE
+from explorer.offpage.sample_job import SAMPLE_THREAD
+from explorer.offpage.training_run import TRAINING_THREAD
 
 SAMPLE_CHARS = 200
-SAMPLER = "gpt-explorer-sample"  # the sampling engine's thread (explorer/glue/engines.py)
-TRAINER = "gpt-explorer-training"  # a training's thread (explorer/offpage/training_run.py)
 WAIT_S = 120.0
 
 
@@ -132,7 +133,7 @@ def sample_finish(runs: int, profile: bool) -> dict:
     for seed in range(runs + 1):
         at.number_input(key="sample_seed").set_value(seed).run()
         at.button(key="sample_generate").click().run()
-        _wait(lambda: not any(t.name == SAMPLER for t in threading.enumerate()))  # the page does not run meanwhile
+        _wait(lambda: not any(t.name == SAMPLE_THREAD for t in threading.enumerate()))  # the page does not run meanwhile
         if seed == runs and profile:
             hot_spots = common.profile_script_run(at)
         else:
@@ -153,7 +154,7 @@ def train_finish(runs: int, profile: bool) -> dict:
     times, hot_spots = [], None
     for i in range(runs + 1):
         at.button(key="train_start").click().run()
-        _wait(lambda: not any(t.name == TRAINER for t in threading.enumerate()))
+        _wait(lambda: not any(t.name == TRAINING_THREAD for t in threading.enumerate()))
         widgets._figure.clear()
         if i == runs and profile:
             hot_spots = common.profile_script_run(at)

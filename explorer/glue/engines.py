@@ -8,6 +8,7 @@ from core.checkpoint import Checkpoint
 from core.engine import Engine
 from explorer.glue.widgets import model_key
 from explorer.offpage.recipes import read_limits
+from explorer.offpage.sample_job import SAMPLE_THREAD
 
 
 def engine_for(ckpt: Checkpoint):
@@ -21,4 +22,4 @@ def _engine(key: str, workers: str, _ckpt: Checkpoint):
         from explorer.offpage.ray_sampling import RemoteEngine  # a server on threads never imports Ray
 
         return RemoteEngine(_ckpt, key)
-    return Engine(_ckpt.model, thread_name="gpt-explorer-sample")
+    return Engine(_ckpt.model, thread_name=SAMPLE_THREAD)

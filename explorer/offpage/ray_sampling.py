@@ -28,6 +28,7 @@ from core.checkpoint import Checkpoint, checkpoint_bytes, load_checkpoint_bytes
 from core.engine import Engine, Request, stream
 from explorer.offpage import ray_training
 from explorer.offpage.ray_training import why_stopped
+from explorer.offpage.sample_job import SAMPLE_THREAD
 
 MODELS = 8  # engines a host keeps: the one asked for least recently goes first
 PULL_S = 0.1  # a request asks its worker for news at most this often
@@ -87,7 +88,7 @@ class SamplingHost:
                     return self.engines[key]
             model = load_checkpoint_bytes(*ray.get(checkpoint)).model
             with self._lock:
-                engine = self.engines[key] = Engine(model, thread_name="gpt-explorer-sample")
+                engine = self.engines[key] = Engine(model, thread_name=SAMPLE_THREAD)
                 self.loads[key] = self.loads.get(key, 0) + 1
                 idle = [k for k, e in self.engines.items() if not e.running and k != key]
                 for k in idle[:max(0, len(self.engines) - MODELS)]:

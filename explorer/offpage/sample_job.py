@@ -14,6 +14,7 @@ import numpy as np
 from core.engine import Engine
 from explorer.offpage.polling import poll_seconds
 
+SAMPLE_THREAD = "gpt-explorer-sample"  # the name of a model's sampling engine thread, in the server or on its worker
 POLL_S = 0.5  # how often the page shows the characters written so far, where it writes alone
 
 

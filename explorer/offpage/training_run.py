@@ -32,6 +32,7 @@ RECENT_STEPS = 20  # steps whose median time predicts the next ones
 # the in-context gap, and level off above it; for contexts under 32 characters even attention
 # comes within a factor of three of it (benchmarks/README.md).
 INDUCTION_AT = 0.1
+TRAINING_THREAD = "gpt-explorer-training"  # the name of a training's thread on the server
 
 
 class TrainingSlots:
@@ -311,7 +312,7 @@ class Runner:
         self._stop.clear()
         slot = self.slots.try_acquire(self)  # a free slot is taken now: the page that started it sees it running
         self.book.set(status="running" if slot else "queued", message="")
-        self._thread = threading.Thread(target=self._main, args=(slot,), name="gpt-explorer-training", daemon=True)
+        self._thread = threading.Thread(target=self._main, args=(slot,), name=TRAINING_THREAD, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
