@@ -288,7 +288,7 @@ def test_a_room_of_tabs_queues_for_the_slot_and_every_training_finishes(server):
         pages = [browser.new_context().new_page() for _ in range(3)]  # a context each: three sessions
         try:
             for page in pages:
-                _open_bigram_form(page, url, 3000)
+                _open_bigram_form(page, url, 1000)
             for page in pages:
                 _button(page, "Start").click()
             deadline = time.monotonic() + 60

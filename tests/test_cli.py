@@ -1,6 +1,8 @@
 """The command lines: `python -m core.train` and `python -m core.sample`, end to end on a tiny run,
 and bad input answered with exit code 2 and one line "error: ..." (never a traceback)."""
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -29,14 +31,6 @@ def assert_one_line_error(stderr: str, *fragments: str):
     assert last.startswith("error: "), stderr
     for fragment in fragments:
         assert fragment in last, last
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    """main() sets torch's thread count (--threads); give the other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +125,19 @@ def test_sample_with_a_corrupt_checkpoint_in_a_real_process(trained, tmp_path):
     assert_one_line_error(done.stderr, "bad.safetensors is not a readable safetensors file")
 
 
-def train_main(capsys, *args) -> tuple[int, str]:
-    code = train.main([str(a) for a in args])
-    return code, capsys.readouterr().err
+def train_main(*args) -> subprocess.CompletedProcess:
+    """What python_m("core.train", *args) returns, run in this process: a new one costs seconds of
+    imports. torch's thread count, which --threads sets, is given back after."""
+    threads, err = torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            code = train.main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["core.train", *map(str, args)], code, "", err.getvalue())
 
 
-def test_train_bad_input(capsys, text_file, tmp_path):
+def test_train_bad_input(text_file, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("abc" * 10, encoding="utf-8")
     cases = [
@@ -148,36 +149,36 @@ def test_train_bad_input(capsys, text_file, tmp_path):
         (["--data", text_file, "--resume"], ["missing x.json"]),
     ]
     for args, fragments in cases:
-        code, err = train_main(capsys, *args, "--out", tmp_path / "x", *TINY)
-        assert code == 2, args
-        assert err.strip().count("\n") == 0, err
-        assert_one_line_error(err, *fragments)
+        done = train_main(*args, "--out", tmp_path / "x", *TINY)
+        assert done.returncode == 2, args
+        assert done.stderr.strip().count("\n") == 0, done.stderr
+        assert_one_line_error(done.stderr, *fragments)
 
 
-def test_train_resume_from_a_corrupt_checkpoint(capsys, trained, text_file, tmp_path):
+def test_train_resume_from_a_corrupt_checkpoint(trained, text_file, tmp_path):
     out, _ = trained
     for suffix in (".json", ".safetensors", ".state.safetensors"):
         shutil.copy(f"{out}{suffix}", tmp_path / f"tiny{suffix}")
     data = (tmp_path / "tiny.safetensors").read_bytes()
     (tmp_path / "tiny.safetensors").write_bytes(data[: len(data) // 3])
-    code, err = train_main(capsys, "--data", text_file, "--out", tmp_path / "tiny", "--resume", "--threads", 1)
-    assert code == 2
-    assert_one_line_error(err, "not a readable safetensors file")
+    done = train_main("--data", text_file, "--out", tmp_path / "tiny", "--resume", "--threads", 1)
+    assert done.returncode == 2
+    assert_one_line_error(done.stderr, "not a readable safetensors file")
 
 
-def test_train_output_that_cannot_be_written(capsys, text_file, tmp_path):
+def test_train_output_that_cannot_be_written(text_file, tmp_path):
     (tmp_path / "a_file").write_text("x")
-    code, err = train_main(capsys, "--data", text_file, "--out", tmp_path / "a_file" / "run", *TINY,
-                           "--max-iters", 4, "--eval-interval", 2)
-    assert code == 2
-    assert_one_line_error(err, "could not save the checkpoint")
+    done = train_main("--data", text_file, "--out", tmp_path / "a_file" / "run", *TINY, "--max-iters", 4,
+                      "--eval-interval", 2)
+    assert done.returncode == 2
+    assert_one_line_error(done.stderr, "could not save the checkpoint")
 
 
-def test_train_that_diverges_exits_with_3(capsys, text_file, tmp_path):
-    code, err = train_main(capsys, "--data", text_file, "--out", tmp_path / "run", *TINY, "--lr", 1e6, "--min-lr", 0,
-                           "--grad-clip", 0, "--warmup-iters", 0, "--max-iters", 50, "--eval-interval", 10)
-    assert code == 3
-    assert_one_line_error(err, "training diverged", "lower learning rate")
+def test_train_that_diverges_exits_with_3(text_file, tmp_path):
+    done = train_main("--data", text_file, "--out", tmp_path / "run", *TINY, "--lr", 1e6, "--min-lr", 0, "--grad-clip", 0,
+                      "--warmup-iters", 0, "--max-iters", 50, "--eval-interval", 10)
+    assert done.returncode == 3
+    assert_one_line_error(done.stderr, "training diverged", "lower learning rate")
 
 
 def test_sample_bad_input(capsys, trained, tmp_path):

@@ -19,7 +19,7 @@ import torch
 from conftest import TINY_TEXT
 from safetensors.torch import load_file, save, save_file
 from test_checkpoint import VOCAB, safetensors_header
-from test_cli import TINY, assert_one_line_error, python_m
+from test_cli import TINY, assert_one_line_error, python_m, train_main
 from test_convert import ARGS, nanogpt_state, save_like_nanogpt, save_meta
 from test_convert import VOCAB as NANO_VOCAB
 
@@ -438,8 +438,8 @@ def text_file(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("preset", ["layernorm", "residual"])
 def test_lr_10_stops_with_advice_and_exit_3(text_file, tmp_path, preset):
-    done = python_m("core.train", "--preset", preset, "--data", text_file, "--out", tmp_path / "run", *TINY, "--lr", 10,
-                    "--min-lr", 0, "--warmup-iters", 0, "--max-iters", 200, "--eval-interval", 50)
+    done = train_main("--preset", preset, "--data", text_file, "--out", tmp_path / "run", *TINY, "--lr", 10,
+                      "--min-lr", 0, "--warmup-iters", 0, "--max-iters", 200, "--eval-interval", 50)
     assert done.returncode == 3, done.stderr
     assert_one_line_error(done.stderr, "training diverged", "Try a lower learning rate (now 10)")
     assert "far above the" in done.stderr and "reached max_iters" not in done.stderr
@@ -472,15 +472,21 @@ def test_an_absurd_val_loss_stops_the_run(tiny_text):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, text_file):
     out = tmp_path_factory.mktemp("run") / "tiny"
-    done = python_m("core.train", "--data", text_file, "--out", out, *TINY, "--max-iters", 10, "--eval-interval", 10)
+    done = train_main("--data", text_file, "--out", out, *TINY, "--max-iters", 10, "--eval-interval", 10)
     assert done.returncode == 0, done.stderr
     return out
 
 
 def test_ctrl_c_ends_a_sample_cleanly(trained):
-    sampler = subprocess.Popen([sys.executable, "-m", "core.sample", "--ckpt", str(trained), "--prompt", "All:",
-                                "--max-new-tokens", "100000000"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
+    # As from a terminal: a shell script's background job (pytest ... &) ignores SIGINT, and so would
+    # the sampler it starts; a handled signal is reset to the default in a new program, an ignored one is not.
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        sampler = subprocess.Popen([sys.executable, "-m", "core.sample", "--ckpt", str(trained), "--prompt", "All:",
+                                    "--max-new-tokens", "100000000"], cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     first = sampler.stdout.read(20)  # the sample is being written
     time.sleep(0.2)
     sampler.send_signal(signal.SIGINT)
@@ -503,28 +509,27 @@ def test_out_never_replaces_a_file_that_is_not_a_checkpoint(text_file, tmp_path)
     notes = tmp_path / "notes.json"
     notes.write_text('{"my": "notes"}', encoding="utf-8")
     for flags in ([], ["--overwrite"]):
-        done = python_m("core.train", "--data", text_file, "--out", notes, *TINY, "--max-iters", 2, *flags)
+        done = train_main("--data", text_file, "--out", notes, *TINY, "--max-iters", 2, *flags)
         assert done.returncode == 2
         assert_one_line_error(done.stderr, f"{notes} exists and is not a GPT Explorer checkpoint")
     assert notes.read_text(encoding="utf-8") == '{"my": "notes"}' and sorted(tmp_path.iterdir()) == [notes]
     (tmp_path / "weights.safetensors").write_bytes(save({"mine": torch.zeros(1)}))  # someone's own weights
-    done = python_m("core.train", "--data", text_file, "--out", tmp_path / "weights", *TINY, "--max-iters", 2,
-                    "--overwrite")
+    done = train_main("--data", text_file, "--out", tmp_path / "weights", *TINY, "--max-iters", 2, "--overwrite")
     assert_one_line_error(done.stderr, "weights.safetensors exists and is not a GPT Explorer checkpoint")
 
 
 def test_out_takes_any_of_the_names_and_a_second_run_asks_first(text_file, tmp_path):
     args = ["--data", text_file, *TINY, "--max-iters", 2, "--eval-interval", 2, "--no-state"]
-    done = python_m("core.train", *args, "--out", tmp_path / "run.json")
+    done = train_main(*args, "--out", tmp_path / "run.json")
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.safetensors"]  # no run.json.json
     assert f"wrote {tmp_path / 'run.safetensors'}, {tmp_path / 'run.json'}" in done.stderr
     first = (tmp_path / "run.safetensors").read_bytes()
-    done = python_m("core.train", *args, "--out", tmp_path / "run.safetensors", "--seed", 1)
+    done = train_main(*args, "--out", tmp_path / "run.safetensors", "--seed", 1)
     assert done.returncode == 2
     assert_one_line_error(done.stderr, "a checkpoint is already at", "--resume", "--overwrite")
     assert (tmp_path / "run.safetensors").read_bytes() == first
-    done = python_m("core.train", *args, "--out", tmp_path / "run", "--seed", 1, "--overwrite")
+    done = train_main(*args, "--out", tmp_path / "run", "--seed", 1, "--overwrite")
     assert done.returncode == 0 and (tmp_path / "run.safetensors").read_bytes() != first
 
 
@@ -535,7 +540,7 @@ def test_out_takes_any_of_the_names_and_a_second_run_asks_first(text_file, tmp_p
     (["--preset", "ffn"], "--preset ffn differs from the checkpoint's model (residual=True)"),
 ])
 def test_resume_refuses_model_options_that_disagree(trained, text_file, flags, message):
-    done = python_m("core.train", "--data", text_file, "--out", trained, "--resume", "--threads", 1, *flags)
+    done = train_main("--data", text_file, "--out", trained, "--resume", "--threads", 1, *flags)
     assert done.returncode == 2
     assert_one_line_error(done.stderr, message, "a resumed run keeps its model")
 
@@ -544,8 +549,8 @@ def test_resume_accepts_model_options_that_agree(trained, text_file, tmp_path):
     copy = tmp_path / "tiny"
     for p, q in zip(paths(trained), paths(copy)):
         q.write_bytes(p.read_bytes())
-    done = python_m("core.train", "--data", text_file, "--out", copy, "--resume", "--threads", 1, "--max-iters", 12,
-                    "--preset", "layernorm", "--n-layer", 1, "--n-embd", 16)
+    done = train_main("--data", text_file, "--out", copy, "--resume", "--threads", 1, "--max-iters", 12,
+                      "--preset", "layernorm", "--n-layer", 1, "--n-embd", 16)
     assert done.returncode == 0, done.stderr
     assert meta_of(copy)["record"]["iters"] == 12
 

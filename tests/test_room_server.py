@@ -43,10 +43,9 @@ def served(env: dict, log_path):
 
 def fill_room(room: Room, text: str) -> dict[str, tuple[int, str]]:
     """Five participants' small Shakespeare trainings, evaluated and saved as the app does."""
-    out = {}
+    out, corpus = {}, Corpus(text, 32)
     for k, name in enumerate(ROOM_NAMES):
         me, seat = room.join(name)
-        corpus = Corpus(text, 32)
         cfg = tiny_config(vocab_size=corpus.tokenizer.vocab_size, block_size=32, n_embd=16 + 8 * k)
         trainer = Trainer(cfg, TrainConfig(batch_size=8, max_iters=200, eval_interval=20, eval_iters=2, threads=1,
                                            learning_rate=3e-3), corpus)
