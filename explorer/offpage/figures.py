@@ -312,7 +312,7 @@ def board_curves(curves: list[tuple[str, np.ndarray, np.ndarray]], own: set[int]
 
 def ablation_grid(heads: np.ndarray, mlps: np.ndarray, title: str = "") -> go.Figure:
     """Δ loss of knocking out each head (L, H), and each layer's MLP (L,) in a last column, as a
-    layer x head heatmap (red: the loss rose without it). Under it, an invisible scatter with a
+    layer x head heatmap (red: the loss rose without it). Over it, an invisible scatter with a
     point on every head's cell, so that a click selects a head (Plotly heatmaps return no click
     selection in Streamlit): customdata holds (layer, head)."""
     L, H = heads.shape
