@@ -4,6 +4,7 @@ the app's Plotly figures back out of AppTest, and several browser sessions in Ap
 import base64
 import gc
 import json
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -38,6 +39,35 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def race(writers, readers, timeout: float = 60) -> list[Exception]:
+    """Each writer once and each reader over and over until every writer is done, each on a
+    thread of its own, the interpreter switching between threads as often as it can (a race
+    shows within a few hundred tries); returns what they raised."""
+    errors: list[Exception] = []
+
+    def guarded(work, again):
+        try:
+            work()
+            while again():
+                work()
+        except Exception as e:
+            errors.append(e)
+
+    writing = [threading.Thread(target=guarded, args=(w, lambda: False)) for w in writers]
+    writers_busy = lambda: any(thread.is_alive() for thread in writing)  # noqa: E731
+    reading = [threading.Thread(target=guarded, args=(r, writers_busy)) for r in readers]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in writing + reading:
+            thread.start()
+        for thread in writing + reading:
+            thread.join(timeout)
+    finally:
+        sys.setswitchinterval(switch)
+    return errors
 
 
 def no_more_threads_than(n: int):

@@ -16,7 +16,7 @@ from core import engine
 from core.engine import Decoder, Engine, Request, stream
 from explorer.offpage.polling import ROOM_POLLS_PER_S
 from explorer.offpage.sample_job import POLL_S, SampleJob
-from helpers import tiny_model, wait_for
+from helpers import race, tiny_model, wait_for
 
 # (prompt, length, temperature, top_k, top_p, seed, window): prompts shorter than, equal to and
 # longer than the block (12), lengths that slide the window several times.
@@ -289,6 +289,23 @@ def test_a_request_of_no_characters_is_done_at_once():
     eng = Engine(model64())
     r = eng.submit([1], 0)
     assert r.done and r.new_ids == [] and not eng.running
+
+
+def test_pages_counting_the_rooms_samples_while_others_generate_break_nothing(monkeypatch):
+    """Every session's Sample page counts the server's writing jobs while others press Generate
+    (the room's moment): counting must not break on a job added mid-way. Switches forced often."""
+    monkeypatch.setattr(SampleJob, "_all", weakref.WeakSet())  # this test's jobs only
+    eng, jobs = Engine(model64()), []
+
+    def generate():
+        for i in range(200):
+            jobs.append(SampleJob(eng, "tiny", [1], 1, dict(seed=i)))
+
+    errors = race(writers=[generate, generate], readers=[SampleJob.poll_seconds, SampleJob.poll_seconds])
+    assert not errors, errors[0]
+    for job in jobs:
+        job.join(10)
+    assert len(jobs) == 400 and not any(job.alive for job in jobs)
 
 
 def test_sample_pages_poll_more_seldom_while_the_room_samples_at_once(monkeypatch):

@@ -496,3 +496,32 @@ def test_broken_files_in_the_pretrained_folder_are_listed_and_the_rest_works(tin
         warned = texts(at.sidebar.warning) + texts(at.warning)
         assert "a-float8" in warned and "b-half-copied" in warned
     st.cache_resource.clear()
+
+
+def test_a_file_another_session_finds_broken_meanwhile_breaks_no_sidebar(tiny_checkpoint, tmp_path, monkeypatch):
+    """Every session's sidebar lists the broken pretrained files from one dict of the server's,
+    and another session may add one while this one reads them (its look at each file lets other
+    threads run): here that other session adds one at this sidebar's first look."""
+    from explorer.glue import sidebar
+
+    folder = tmp_path / "pretrained"
+    folder.mkdir()
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(tiny_checkpoint.with_suffix(suffix), folder / f"tiny{suffix}")
+    (folder / "old.json").write_text("{}")
+    monkeypatch.setenv(PRETRAINED_ENV, str(folder))
+    st.cache_resource.clear()
+    sidebar._broken()[(str(folder / "old.json"), 0.0)] = "found broken earlier"
+
+    class Meanwhile(type(Path())):
+        def exists(self, *args, **kwargs):
+            if self.name == "old.json":  # the look through the broken ones
+                sidebar._broken().setdefault((str(folder / "new.json"), 0.0), "found broken by another session")
+            return super().exists(*args, **kwargs)
+
+    monkeypatch.setattr(sidebar, "Path", Meanwhile)
+    try:
+        at = start()  # its first run asserted
+        assert "old" in texts(at.sidebar.warning)
+    finally:
+        st.cache_resource.clear()

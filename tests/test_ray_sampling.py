@@ -4,7 +4,9 @@ one request, a worker killed mid-sample, and the Sample view on a server on Ray.
 One local Ray instance with 2 CPUs serves the module; every wait is bounded.
 """
 
+import itertools
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -18,7 +20,7 @@ from test_app import generate, start
 from core import GPT, CharTokenizer
 from core.checkpoint import Checkpoint, load_checkpoint
 from core.engine import Engine
-from helpers import as_session, tiny_config, wait_for
+from helpers import as_session, race, tiny_config, wait_for
 
 ray = pytest.importorskip("ray")
 from explorer.offpage import ray_sampling, ray_training  # noqa: E402  (needs ray)
@@ -171,6 +173,37 @@ def test_the_sample_view_writes_on_a_worker(local_ray, pretrained, monkeypatch):
 
     with as_session("test session id"):
         assert isinstance(session_threads().sample._request, ray_sampling.RemoteRequest)
+
+
+def test_a_room_fetching_while_others_generate_breaks_no_request(ckpt, monkeypatch):
+    """The worker answers on several threads at once: a fetch that forgets a finished request
+    while a Generate looks through the requests for old ones must not break that Generate (it
+    did, once in a room of 30). Switches forced often, on a host built here, as Ray builds one."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the host's settings: not this process's
+    monkeypatch.setattr(ray_training, "keep_to_the_first_core", lambda: None)
+    host = ray_sampling.SamplingHost()
+    host.engines["room"] = Engine(ckpt.model)  # loaded: submit needs no checkpoint
+    unfetched, ids = queue.SimpleQueue(), itertools.count()
+
+    def submit():
+        for _ in range(300):
+            request_id = next(ids)
+            host.submit("room", [None], request_id, [1], 1, dict(seed=request_id))
+            unfetched.put(request_id)
+
+    def fetch():
+        try:
+            request_id = unfetched.get(timeout=0.01)
+        except queue.Empty:
+            return
+        if not host.since(request_id, 0)[2]:
+            unfetched.put(request_id)  # not written yet: later
+
+    errors = race(writers=[submit] * 3, readers=[fetch] * 3)
+    assert not errors, errors[0]
+    while not unfetched.empty():
+        fetch()
+    assert not host.requests  # every request fetched and forgotten
 
 
 def test_a_request_that_outlives_its_ray_says_so(local_ray, ckpt):

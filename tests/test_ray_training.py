@@ -7,6 +7,7 @@ One local Ray instance with 2 CPUs serves the module; every wait is bounded.
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -185,6 +186,27 @@ def test_a_ray_server_warms_its_workers_before_anyone_trains(local_ray, monkeypa
     finally:
         ray_training._release_the_first_core()  # as when Ray shuts down
     assert os.sched_getaffinity(0) == cores
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux's CPU affinity")
+def test_sessions_opening_their_first_page_at_once_give_the_server_all_its_cores_back(monkeypatch):
+    """The room opens its first pages together, and each asks the server to keep to the first
+    core once Ray is up: one that asked while another was pinning it took the one core for all
+    the server had, and kept it there after Ray. The look at Ray made slow, so both ask at once."""
+    cores = os.sched_getaffinity(0)
+    monkeypatch.setattr(ray, "is_initialized", lambda: time.sleep(0.05) or True)
+    asking = [threading.Thread(target=ray_training.keep_to_the_first_core) for _ in range(2)]
+    try:
+        for thread in asking:
+            thread.start()
+        for thread in asking:
+            thread.join(10)
+        assert os.sched_getaffinity(0) == {min(cores)}
+    finally:
+        ray_training._release_the_first_core()  # as when Ray shuts down
+        released = os.sched_getaffinity(0)
+        ray_training._pin(cores)  # whatever happened, the rest of the suite keeps every core
+    assert released == cores
 
 
 def test_the_train_view_trains_on_a_worker(ray_app):

@@ -156,7 +156,9 @@ def model_sidebar(train_view: bool = False) -> None:
     with st.sidebar.expander("Upload a checkpoint"):
         _upload_box()
     choices = model_choices()
-    broken = {Path(path).stem: why for (path, _), why in _broken().items() if Path(path).exists()}
+    # A copy first: every session's runs share the dict, and one may add to it while the look at
+    # each file below lets other threads run.
+    broken = {Path(path).stem: why for (path, _), why in dict(_broken()).items() if Path(path).exists()}
     if broken:
         with st.sidebar:
             broken_note(broken)

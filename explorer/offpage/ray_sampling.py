@@ -37,7 +37,8 @@ FORGET_S = 600.0  # a request done this long ago that no page fetched is dropped
 
 class SamplingHost:
     """The worker: engines by model key, and the requests they write by request id. A threaded
-    actor, so news and stops are answered while the engines' threads write."""
+    actor, so news and stops are answered while the engines' threads write: its dictionaries
+    are read and changed under its lock (calls run on several of Ray's threads at once)."""
 
     def __init__(self):
         torch.set_num_threads(1)  # as the server's own engine: a room's trainings have the other cores
@@ -65,17 +66,19 @@ class SamplingHost:
 
     def load_counts(self) -> dict[str, int]:
         """How often each model was loaded (again after it was dropped for others)."""
-        return dict(self.loads)
+        with self._lock:
+            return dict(self.loads)
 
     def submit(self, key: str, checkpoint: list, request_id: int, prompt_ids: list[int], length: int,
                settings: dict) -> None:
         """Queue the request on the model's engine, loaded first from `checkpoint` (a list holding
         the reference to its bytes, so Ray hands the reference over, not the bytes) if it is not here."""
-        engine = self._engine(key, checkpoint[0])
-        self.requests[request_id] = engine.submit(prompt_ids, length, **settings)
+        request = self._engine(key, checkpoint[0]).submit(prompt_ids, length, **settings)
         unread = time.monotonic() - FORGET_S  # done long ago, never fetched: its page was closed
-        for old in [i for i, r in self.requests.items() if r.done and r.finished < unread]:
-            del self.requests[old]
+        with self._lock:
+            self.requests[request_id] = request
+            for old in [i for i, r in self.requests.items() if r.done and r.finished < unread]:
+                del self.requests[old]
 
     def _engine(self, key: str, checkpoint) -> Engine:
         """The model's engine; a room's first Generates on a new model load it once, together."""
@@ -98,17 +101,20 @@ class SamplingHost:
     def since(self, request_id: int, n: int) -> tuple[list[int], np.ndarray, bool, str | None]:
         """What the request wrote from character n on, whether it is done, and its error. Once
         a done request's last characters are sent, it is forgotten."""
-        request = self.requests[request_id]
-        done = request.done  # read first: once done, the lists below are whole
+        with self._lock:
+            request = self.requests[request_id]
+            done = request.done  # read first: once done, the lists below are whole
+            if done:
+                del self.requests[request_id]
         new = request.new_ids[n:]
         probs = request.probs[n:n + len(new)]
-        if done:
-            del self.requests[request_id]
         return new, np.stack(probs) if probs else np.zeros((0, 0), np.float32), done, request.error
 
     def stop(self, request_id: int) -> None:
-        if request_id in self.requests:
-            self.requests[request_id].stop()
+        with self._lock:
+            request = self.requests.get(request_id)
+        if request is not None:
+            request.stop()
 
 
 _lock = threading.Lock()

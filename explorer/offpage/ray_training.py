@@ -196,6 +196,7 @@ def take_a_core() -> None:
 
 
 _unpinned: set[int] | None = None  # the server's cores before it kept to the first one
+_pin_lock = threading.Lock()  # every session's first page view may ask at once
 
 
 def keep_to_the_first_core() -> None:
@@ -206,17 +207,19 @@ def keep_to_the_first_core() -> None:
     Ray is up (its daemons, started from this process, keep every core for the workers they
     start); undone when Ray shuts down."""
     global _unpinned
-    if _unpinned is not None or not hasattr(os, "sched_setaffinity") or not ray.is_initialized():
-        return
-    _unpinned = os.sched_getaffinity(0)
-    _pin({min(_unpinned)})
+    with _pin_lock:
+        if _unpinned is not None or not hasattr(os, "sched_setaffinity") or not ray.is_initialized():
+            return
+        _unpinned = os.sched_getaffinity(0)
+        _pin({min(_unpinned)})
 
 
 def _release_the_first_core() -> None:
     global _unpinned
-    if _unpinned is not None:
-        _pin(_unpinned)
-        _unpinned = None
+    with _pin_lock:
+        if _unpinned is not None:
+            _pin(_unpinned)
+            _unpinned = None
 
 
 def _pin(cores: set[int]) -> None:

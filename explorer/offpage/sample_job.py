@@ -5,6 +5,7 @@ a click elsewhere does not throw the sample away (a script run is stopped by any
 The job never calls st.*; the Sample view polls `result()` while `alive`.
 """
 
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -31,13 +32,15 @@ class SampleJob:
     top_k, top_p, seed, window) as Engine.submit takes them."""
 
     _all: "weakref.WeakSet[SampleJob]" = weakref.WeakSet()  # the server's, every session's
+    _all_lock = threading.Lock()  # a WeakSet's iteration is Python code: another session's add may come mid-way
 
     def __init__(self, engine: Engine, label: str, prompt_ids: list[int], length: int, settings: dict):
         self.label, self.prompt_ids, self.length = label, list(prompt_ids), length
         self._request = engine.submit(self.prompt_ids, length, **settings)
         self._vocab = engine.model.config.vocab_size
         self._started, self._seen_done = time.monotonic(), False
-        SampleJob._all.add(self)
+        with SampleJob._all_lock:
+            SampleJob._all.add(self)
 
     @classmethod
     def poll_seconds(cls) -> float:
@@ -45,7 +48,9 @@ class SampleJob:
         once. Counts the jobs not seen done by their pages (asking each would cost a call to a
         sampling worker) in the last minute (a page closed while it wrote never looks again)."""
         now = time.monotonic()
-        writing = sum(not job._seen_done and now - job._started < 60 for job in list(cls._all))
+        with cls._all_lock:
+            jobs = list(cls._all)
+        writing = sum(not job._seen_done and now - job._started < 60 for job in jobs)
         return poll_seconds(writing, POLL_S)
 
     @property
