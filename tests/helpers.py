@@ -55,8 +55,10 @@ def race(writers, readers, timeout: float = 60) -> list[Exception]:
         except Exception as e:
             errors.append(e)
 
+    def writers_busy() -> bool:
+        return any(thread.is_alive() for thread in writing)
+
     writing = [threading.Thread(target=guarded, args=(w, lambda: False)) for w in writers]
-    writers_busy = lambda: any(thread.is_alive() for thread in writing)  # noqa: E731
     reading = [threading.Thread(target=guarded, args=(r, writers_busy)) for r in readers]
     switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
