@@ -42,7 +42,7 @@ class SamplingHost:
 
     def __init__(self):
         torch.set_num_threads(1)  # as the server's own engine: a room's trainings have the other cores
-        ray_training.keep_to_the_first_core()  # beside the server, off the other training hosts' cores
+        ray_training.keep_to_the_last_core()
         self.engines: OrderedDict[str, Engine] = OrderedDict()
         self.requests: dict[int, Request] = {}
         self.loads: dict[str, int] = {}

@@ -200,10 +200,11 @@ _pin_lock = threading.Lock()  # every session's first page view may ask at once
 
 
 def keep_to_the_first_core() -> None:
-    """The app's server keeps to the first core while Ray runs (Linux), and so does the sampling
-    worker: the first training host shares that core with them, every other host has one nobody
-    else wakes on (each wake-up leaves a training cold caches: benchmarks/README.md, the room).
-    The pages lose nothing: the server is one interpreter, its torch on one thread. Called once
+    """The app's server keeps to the first core while Ray runs (Linux): the first training host
+    shares that core with it, the sampling worker the last (keep_to_the_last_core), and every
+    other host has one nobody else wakes on (each wake-up leaves a training cold caches:
+    benchmarks/README.md, the room). The pages lose nothing: the server is one interpreter, its
+    torch on one thread. Called once
     Ray is up (its daemons, started from this process, keep every core for the workers they
     start); undone when Ray shuts down."""
     global _unpinned
@@ -212,6 +213,14 @@ def keep_to_the_first_core() -> None:
             return
         _unpinned = os.sched_getaffinity(0)
         _pin({min(_unpinned)})
+
+
+def keep_to_the_last_core() -> None:
+    """The sampling worker's place (Linux): beside the last training host, which yields to it, and
+    off the server's core, whose script runs come in bursts as a room samples (beside them the
+    room's samples took three times as long: benchmarks/README.md, the room)."""
+    if hasattr(os, "sched_setaffinity"):
+        _pin({max(os.sched_getaffinity(0))})
 
 
 def _release_the_first_core() -> None:
