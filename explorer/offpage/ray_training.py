@@ -204,9 +204,8 @@ def keep_to_the_first_core() -> None:
     shares that core with it, the sampling worker the last (keep_to_the_last_core), and every
     other host has one nobody else wakes on (each wake-up leaves a training cold caches:
     benchmarks/README.md, the room). The pages lose nothing: the server is one interpreter, its
-    torch on one thread. Called once
-    Ray is up (its daemons, started from this process, keep every core for the workers they
-    start); undone when Ray shuts down."""
+    torch on one thread. Called once Ray is up (its daemons, started from this process, keep
+    every core for the workers they start); undone when Ray shuts down."""
     global _unpinned
     with _pin_lock:
         if _unpinned is not None or not hasattr(os, "sched_setaffinity") or not ray.is_initialized():
