@@ -22,6 +22,7 @@ import os
 from dataclasses import astuple, dataclass, field, replace
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .model import GPT, GPTConfig
 
@@ -149,10 +150,20 @@ def expected_tensors(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     return dict(_expected_tensors(astuple(config)))  # a copy: the caller's to change
 
 
+class _ShapesOnly(TorchFunctionMode):
+    """Skips the fills whose meta-device kernels import torch._dynamo on first use: seconds that
+    the server's first page (whose sidebar checks every pretrained model) would wait for shapes."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.nn.init.normal_, torch.tril):
+            return args[0] if args else kwargs["tensor"]  # init.normal_ passes it by name
+        return func(*args, **(kwargs or {}))
+
+
 @functools.lru_cache(maxsize=32)
 def _expected_tensors(fields: tuple) -> dict[str, tuple[int, ...]]:
     config = GPTConfig(*fields)
-    with torch.device("meta"):
+    with torch.device("meta"), _ShapesOnly():
         model = GPT(replace(config, n_layer=1))
     state = model.state_dict()
     if config.tie_weights:

@@ -92,6 +92,16 @@ def test_the_counted_layout_is_the_models(preset, tie, mlp_ratio):
     assert cache_nbytes(cache) <= forward_bytes(config) <= 4 * max(cache_nbytes(cache), 2000)
 
 
+def test_reading_a_models_shapes_leaves_torch_dynamo_unimported():
+    """The server's first page checks every pretrained model's shapes on the meta device, where
+    torch's random fills import torch._dynamo: seconds of that page, for nothing it needs."""
+    code = ("import sys; from core.budget import expected_tensors; from core.model import GPTConfig; "
+            "expected_tensors(GPTConfig.from_preset('full', vocab_size=65)); print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("value", ["lots", "0", "inf", "-5"])
 def test_an_unusable_budget_is_noted_and_the_default_used(monkeypatch, value):
     monkeypatch.setenv("GPT_EXPLORER_MAX_FORWARD_MB", value)
