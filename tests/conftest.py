@@ -14,7 +14,7 @@ import torch
 from core.data import DATA_ENV
 from explorer.glue.sidebar import PRETRAINED_ENV
 from explorer.offpage.classroom import ROOM_DIR_ENV
-from helpers import no_more_threads_than, wait_for
+from helpers import threads_down_to, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_COPY = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -80,4 +80,4 @@ def app_server(tiny_checkpoint, monkeypatch):
     # The server's step timer is not a session's: it ends once the measurement under way is done
     # (a few steps, an evaluation and a sample of the last shape asked for: slow on a busy machine).
     assert wait_for(lambda: "gpt-explorer-step-timer" not in {t.name for t in threading.enumerate()}, timeout=120)
-    assert wait_for(no_more_threads_than(before), timeout=30), threading.enumerate()
+    assert threads_down_to(before, timeout=30), threading.enumerate()

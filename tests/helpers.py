@@ -72,10 +72,12 @@ def race(writers, readers, timeout: float = 60) -> list[Exception]:
     return errors
 
 
-def no_more_threads_than(n: int):
-    """A predicate for wait_for: at most n threads. A closed session's runner goes with a garbage
-    collection, and the room's watcher thread ends within a second of the last runner it follows."""
-    return lambda: gc.collect() is not None and threading.active_count() <= n
+def threads_down_to(n: int, timeout: float) -> bool:
+    """Wait until at most n threads run. A closed session's runner goes with a garbage collection,
+    and the room's watcher thread ends within a second of the last runner it follows. The
+    collections come a quarter of a second apart: back to back they hold the GIL that those
+    threads need to end."""
+    return wait_for(lambda: gc.collect() is not None and threading.active_count() <= n, timeout, interval=0.25)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from test_room import TEXT, tiny_trainer
 
 from explorer.glue.room_glue import SEAT, TOKEN, TOKEN_ENV
 from explorer.offpage.classroom import ROOM_DIR_ENV, open_room
-from helpers import figure, no_more_threads_than, rerun_until, wait_for
+from helpers import figure, rerun_until, threads_down_to, wait_for
 
 APP = Path(__file__).resolve().parent.parent / "explorer" / "app.py"
 SECRET = "correct horse battery staple"
@@ -27,7 +27,7 @@ def room(tmp_path, monkeypatch, pretrained):
     before = threading.active_count()
     yield open_room(tmp_path / "room")
     st.cache_resource.clear()
-    assert wait_for(no_more_threads_than(before), timeout=30), threading.enumerate()
+    assert threads_down_to(before, timeout=30), threading.enumerate()
 
 
 def open_view(view: str, seat: str | None = None, **state) -> AppTest:

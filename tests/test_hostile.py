@@ -44,7 +44,7 @@ from core.trainer import Trainer
 from explorer.glue.session import session_threads
 from explorer.glue.sidebar import PRETRAINED_ENV, pretrained_paths
 from explorer.offpage import recipes
-from helpers import as_session, no_more_threads_than, rerun_until, tiny_model, wait_for
+from helpers import as_session, rerun_until, threads_down_to, tiny_model, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "explorer" / "app.py"
@@ -408,11 +408,11 @@ def test_sessions_that_come_and_go_leave_no_threads_or_memory(app_server, monkey
     monkeypatch.setenv("GPT_EXPLORER_MAX_PARAMS", "10000000")
     threads = threading.active_count()  # a thread of an earlier test may still be ending: at most this many
     come_and_go(10)  # the first round warms up: imports, caches, the allocator's pools
-    assert wait_for(no_more_threads_than(threads), timeout=60), threading.enumerate()
+    assert threads_down_to(threads, timeout=60), threading.enumerate()
     rss, trainers = [live_rss_mb()], []
     for _ in range(2):  # a leak grows every round; the allocator's noise does not
         trainers += come_and_go(10)
-        assert wait_for(no_more_threads_than(threads), timeout=60), threading.enumerate()
+        assert threads_down_to(threads, timeout=60), threading.enumerate()
         rss.append(live_rss_mb())
     # Ten trainers kept by mistake hold 140 MB or more (172 MB, measured with runners kept on
     # purpose); rounds that keep nothing moved it by -9 to +17 MB, once (in 1 of 4 full runs of
