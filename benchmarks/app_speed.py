@@ -37,8 +37,8 @@ GRID_TITLE = "Attention weights of every head"
 
 
 def first_page(servers: int) -> list[float]:
-    """Seconds from connecting to the end of the first page's script run, on fresh servers one
-    after another."""
+    """Seconds of the first page's script run (from a new session's first rerun to its end), on
+    fresh servers one after another."""
     async def look(port: int) -> float:
         errors = []
         s = Session("teacher", port, errors, [])
