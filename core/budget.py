@@ -151,8 +151,9 @@ def expected_tensors(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 
 class _ShapesOnly(TorchFunctionMode):
-    """Skips the fills whose meta-device kernels import torch._dynamo on first use: seconds that
-    the server's first page (whose sidebar checks every pretrained model) would wait for shapes."""
+    """Skips the two calls of a model's build (the weights' normal fill, the mask's tril) whose
+    meta-device kernels import torch._dynamo on first use: seconds that the server's first page
+    (whose sidebar checks every pretrained model) would wait for shapes."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in (torch.nn.init.normal_, torch.tril):
