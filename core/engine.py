@@ -72,8 +72,9 @@ class Request:
     def stop(self) -> None:
         """End this request after the current step (others go on). Safe from any thread."""
         self._stopped.set()
-        if self._on_stop is not None:
-            self._on_stop(self)
+        on_stop = self._on_stop  # read once: the engine clears it when it gives the request a row
+        if on_stop is not None:
+            on_stop(self)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)

@@ -227,6 +227,28 @@ def test_a_waiting_request_that_is_stopped_leaves_the_queue_at_once():
     assert wait_for(lambda: not eng.running)
 
 
+def test_stop_as_the_engine_gives_the_request_a_row_ends_it_without_error():
+    """The engine clears a request's cancel callback when it admits it, from its own thread: a
+    Stop clicked at that moment must not call the callback it has just seen go."""
+    cancelled = []
+
+    class AdmittedMidStop(Request):
+        reads = 0
+
+        @property
+        def _on_stop(self):  # set while stop() checks it, cleared before a second read
+            self.reads += 1
+            return cancelled.append if self.reads == 1 else None
+
+        @_on_stop.setter
+        def _on_stop(self, value):
+            pass
+
+    request = AdmittedMidStop(model64().config, [1], 10)
+    request.stop()
+    assert cancelled == [request] and request._stopped.is_set()
+
+
 def test_an_error_in_one_request_does_not_stop_the_others(monkeypatch):
     model = model64()
     real = engine.sample_rows
