@@ -73,7 +73,7 @@ def setup(limits, slots: TrainingSlots) -> None:
     recipe = st.selectbox("Recipe", list(RECIPES), key=K + "recipe", on_change=apply_recipe)
     st.caption(RECIPES[recipe][0])
     data_box(limits)
-    size_recipe(limits)
+    sizing = size_recipe(limits)
     left, right = st.columns(2)
     with left:
         st.subheader("Model")
@@ -95,7 +95,7 @@ def setup(limits, slots: TrainingSlots) -> None:
                     help="muon: Muon for the blocks' weight matrices (the learning rate is AdamW's, for the rest): "
                          "the same loss in fewer steps")
     settings = current_settings()
-    ready = estimate(settings, limits)
+    ready = estimate(settings, limits, sizing)
     room_line(slots)
     if st.session_state.get(ERROR):
         st.error(st.session_state[ERROR])
@@ -103,23 +103,26 @@ def setup(limits, slots: TrainingSlots) -> None:
     st.button("Start", type="primary", disabled=not ready, on_click=start, args=(limits,), key=K + "start")
 
 
-def size_recipe(limits) -> None:
+def size_recipe(limits) -> bool:
     """A timed recipe's steps, from what a training costs on this server, for as long as the steps
-    are the recipe's (not the user's own)."""
+    are the recipe's (not the user's own). True while they wait for the costs to be measured."""
     seconds = RECIPE_SECONDS.get(st.session_state[K + "recipe"])
     if seconds is None or st.session_state[K + "max_iters"] != st.session_state.get(SIZED):
-        return
+        return False
     settings = current_settings()
     try:
         vocab, n_params = form_model(settings, limits)
     except ValueError:  # no text yet, impossible settings: estimate() says why
-        return
+        return False
     if n_params > limits.max_params:
-        return  # never time a model this server refuses
+        return False  # never time a model this server refuses
     measured = costs(settings, vocab)
-    if measured is not None and measured.known:  # else being measured: the estimate reruns the page when done
+    if measured is None:  # being measured: the estimate reruns the page when done
+        return True
+    if measured.known:
         st.session_state[K + "max_iters"] = st.session_state[SIZED] = fit_steps(measured, settings, seconds,
                                                                                  limits.max_iters)
+    return False
 
 
 def vocab_size(text: str | None) -> int:
@@ -172,8 +175,9 @@ def form_model(settings: Settings, limits) -> tuple[int, int]:
     return vocab, param_count(settings.model_config(vocab))
 
 
-def estimate(settings: Settings, limits) -> bool:
-    """Show parameters and time before the start; False (with the reason shown) if it cannot start."""
+def estimate(settings: Settings, limits, sizing: bool) -> bool:
+    """Show parameters and time before the start; False (with the reason shown) if it cannot start.
+    sizing: the recipe's steps wait for this shape's costs (size_recipe)."""
     try:
         vocab, n = form_model(settings, limits)
     except ValueError as e:  # DataError and impossible settings alike
@@ -183,14 +187,15 @@ def estimate(settings: Settings, limits) -> bool:
         st.error(f"This model has {n:,} parameters; this server allows at most {limits.max_params:,}. "
                  "Make it smaller (fewer blocks, a smaller embedding).")
         return False
-    time_estimate(settings, vocab, n)
+    time_estimate(settings, vocab, n, sizing)
     return True
 
 
-def time_estimate(settings: Settings, vocab: int, n_params: int) -> None:
+def time_estimate(settings: Settings, vocab: int, n_params: int, sizing: bool) -> None:
     """The parameter count at once, the time once a few real steps of this shape have been timed
-    (on a background thread: a large shape's steps take seconds)."""
-    pending = costs(settings, vocab) is None
+    (on a background thread: a large shape's steps take seconds). sizing: the steps wait for
+    those costs, so the page reruns once they are in, even if they came during this run."""
+    pending = sizing or costs(settings, vocab) is None
 
     @st.fragment(run_every=0.5 if pending else None)
     def line() -> None:
