@@ -72,9 +72,12 @@ def test_the_board_survives_a_server_restart(shakespeare, tmp_path):
         try:
             with served(env, log_path) as url:
                 open_page(page, f"{url}/board")  # the server has started and looked for cut-off trainings
+                assert page.locator("text=No training in the room yet").count() == 1
                 trainings = fill_room(room, shakespeare)
                 running, seat = trainings["Grace"]
                 room.update_progress(running, "running", 120, 200, 31_000.0, "")  # mid-training when the server dies
+                page.wait_for_selector(".legendtext", timeout=30_000)  # the empty board, left open, draws the room
+                assert page.locator(".legendtext", has_text="Grace").count() == 1
                 open_page(page, f"{url}/board?seat={seat}")
                 page.wait_for_selector(".legendtext", timeout=60_000)
                 assert page.locator(".legendtext", has_text="Grace").count() == 1

@@ -13,6 +13,8 @@ from explorer.offpage.classroom import SHAKESPEARE, Entry, RoomError
 
 K = "board_"
 OWN = "background-color: #fff3b0"  # the viewer's own rows
+LIVE_POLL_S = 3.0
+IDLE_POLL_S = 5.0  # a board with nothing training looks this often for a training that starts
 RESUME_ERROR = K + "resume_error"
 
 
@@ -20,9 +22,10 @@ def board_view() -> None:
     st.title("Board")
     room = room_glue.room()
     me = room_glue.participant()
-    live = any(e.live for e in room.board())
+    shown = room.board()
+    live = any(e.live for e in shown)
 
-    @st.fragment(run_every=3.0 if live else None)  # polls only while something trains
+    @st.fragment(run_every=LIVE_POLL_S if live else None)  # draws the board again only while something trains
     def board() -> None:
         entries = room.board()
         if live and not any(e.live for e in entries):
@@ -55,6 +58,22 @@ def board_view() -> None:
             chosen(entries[rows[0]], me)
 
     board()
+    if not live:
+        watch_for_a_change(room, shown)
+
+
+def watch_for_a_change(room, shown: list[Entry]) -> None:
+    """A board opened before the room trains (the teacher's, on the projector, before "everyone
+    press Start") draws itself again once a training joins, starts or leaves: it draws nothing
+    until then."""
+    before = [(e.id, e.status) for e in shown]
+
+    @st.fragment(run_every=IDLE_POLL_S)
+    def watch() -> None:
+        if [(e.id, e.status) for e in room.board()] != before:
+            st.rerun(scope="app")
+
+    watch()
 
 
 def table(entries: list[Entry], mine: set[int]) -> pd.DataFrame:
