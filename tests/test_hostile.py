@@ -13,6 +13,7 @@ import ctypes
 import gc
 import io
 import json
+import os
 import pickle
 import random
 import shutil
@@ -25,6 +26,8 @@ import uuid
 import weakref
 from pathlib import Path
 
+import numpy as np
+import plotly.io
 import pytest
 import streamlit as st
 import torch
@@ -43,7 +46,7 @@ from core.convert import PlainUnpickler
 from core.trainer import Trainer
 from explorer.glue.session import session_threads
 from explorer.glue.sidebar import PRETRAINED_ENV, pretrained_paths
-from explorer.offpage import recipes
+from explorer.offpage import figures, recipes
 from helpers import as_session, rerun_until, threads_down_to, tiny_model, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -447,6 +450,62 @@ def test_the_server_config_fits_the_caps_and_sends_nothing_out():
     max_upload = config["server"]["maxUploadSize"] * 2**20  # Streamlit counts MiB
     lecture_model = param_count(GPTConfig.from_preset("full", vocab_size=65)) * 4  # float32
     assert lecture_model < max_upload and recipes.read_limits()[0].max_text_bytes <= max_upload
+    # The largest figure the app sends (one head's heatmap of a 1024-character prompt, a converted
+    # nanoGPT model's context) fits the websocket's message cap twice over.
+    T = 1024
+    scores = np.tril(np.random.default_rng(0).random((T, T))) + np.triu(np.full((T, T), -np.inf), 1)
+    heatmap = figures.attention_heatmap(scores, ["a"] * T, "softmax")
+    assert 2 * len(plotly.io.to_json(heatmap, validate=False)) < config["server"]["maxMessageSize"] * 1_000_000
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+
+def test_a_message_bigger_than_any_widget_closes_its_connection_before_the_server_holds_it(tiny_checkpoint,
+                                                                                           tmp_path):
+    """Any client can send the server any websocket frame. One of 150 MB (Streamlit refuses widget
+    state over 25 MB, but only once read) closes that connection unread: the server's peak memory
+    does not move, and the next session's page loads."""
+    import asyncio
+
+    import websockets
+
+    from benchmarks.load import Session, free_port, start_server, stop_server
+
+    port = free_port()
+    with open(tmp_path / "server.log", "wb") as log:
+        server = start_server(port, {**os.environ, PRETRAINED_ENV: str(tiny_checkpoint.parent)}, log)
+
+    async def session_loads() -> bool:
+        errors = []
+        session = Session("next", port, errors, [])
+        await session.connect()
+        ran = await session.rerun("page load")
+        await session.close()
+        return ran is not None and not errors
+
+    async def send_huge() -> int | None:
+        async with websockets.connect(f"ws://127.0.0.1:{port}/_stcore/stream", subprotocols=["streamlit"],
+                                      origin=f"http://127.0.0.1:{port}", max_size=None) as ws:
+            try:
+                await ws.send(bytes(150 * 2**20))
+                await asyncio.wait_for(ws.wait_closed(), 30)
+            except websockets.ConnectionClosed:
+                pass
+            return ws.close_code
+
+    try:
+        assert asyncio.run(session_loads())  # imports and caches warm: what is left is the message
+        before = peak_rss_mb(server.pid)
+        code = asyncio.run(send_huge())
+        grown = peak_rss_mb(server.pid) - before
+        assert code == 1009 and grown < 50, (code, grown)  # 1009: message too big
+        assert asyncio.run(session_loads())
+    finally:
+        stop_server(server)
 
 
 def test_a_refused_upload_is_remembered_not_parsed_again(pretrained, monkeypatch):
